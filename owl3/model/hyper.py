@@ -1,0 +1,160 @@
+"""Hyper attention: the gated visual cross-attention of mPLUG-Owl3 (spec §4 steps 3-7, §6).
+
+A hyper layer runs ordinary Qwen2 self-attention and then, for the tokens that see at least one image,
+mixes a cross-attention over the visual memory into the pre-``o_proj`` context through a sigmoid gate
+computed from that context. The cross-attention reuses the rotated text query, the layer's
+``input_layernorm`` and its ``o_proj``; only ``v_kv_proj`` and ``gate_proj`` are its own.
+
+Visibility is one tensor, ``visible_images`` [B, L] (long): how many of its sample's images each query
+token sees. Prompt token t sees ``seen(t)`` = the images whose ``<|image|>`` placeholder precedes it
+(0 up to and including the first placeholder, so those tokens keep the pure self-attention context);
+decode tokens see all images of their sample. Key m of the memory belongs to image ``m // P``, and the key
+is visible to token t iff ``m // P < visible_images[t]``. Padding images of a sample with fewer images than
+the batch maximum are therefore never visible, and a row that sees nothing is gated out by a select, so
+no NaN can arise even with zero images.
+
+The visual K/V of every hyper layer are computed once per request (``visual_kv``) and reused at every
+decode step; the official code recomputes them each step from identical inputs, with identical results.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from owl3.config import TextConfig
+from owl3.errors import PromptError
+from owl3.model.qwen2 import KVPair, Qwen2Attention, repeat_kv, rope_inv_freq, rotate_half
+
+NO_IMAGES = -1_000_000  # media_offset[..., 1] of a sample without images (official value)
+
+
+class HyperAttention(Qwen2Attention):
+    """Qwen2 self-attention plus gated cross-attention over a visual memory (hyper layers only)."""
+
+    def __init__(self, config: TextConfig, image_tokens: int) -> None:
+        super().__init__(config)
+        self.rope_theta = config.rope_theta
+        self.image_tokens = image_tokens  # P: visual keys per image
+        hd = config.head_dim
+        # Output layout (head, {K,V}, dim): reshape to [.., nkv, 2, hd], K = [..., 0, :], V = [..., 1, :].
+        self.v_kv_proj = nn.Linear(config.hidden_size, 2 * self.num_kv_heads * hd, bias=True)
+        # Gate weights are shared by all heads; applied to each head's hd-slice of the context.
+        self.gate_proj = nn.Sequential(nn.Linear(hd, hd, bias=True), nn.Sigmoid())
+
+    def visual_kv(self, normed_images: Tensor, positions: Tensor) -> KVPair:
+        """Visual keys and values of this layer, MI-RoPE applied once.
+
+        normed_images [B, n, P, H]: ``input_layernorm`` of each sample's image embeddings (padded to n).
+        positions [B, n] (long): MI-RoPE position of each image, the index right after its placeholder.
+        Returns (k, v), each [B, nkv, n*P, hd]; key index = image * P + patch.
+        """
+        b, n, p, _ = normed_images.shape
+        kv = self.v_kv_proj(normed_images).view(b, n, p, self.num_kv_heads, 2, self.head_dim)
+        k, v = kv[..., 0, :], kv[..., 1, :]  # [B, n, P, nkv, hd]
+        # MI-RoPE in fp32: every key of image i rotated by the same angle, at positions[b, i].
+        inv_freq = rope_inv_freq(self.head_dim, self.rope_theta, normed_images.device)
+        angles = positions.to(torch.float32)[..., None] * inv_freq  # [B, n, hd/2]
+        emb = torch.cat((angles, angles), dim=-1)[:, :, None, None, :]  # [B, n, 1, 1, hd]
+        k32 = k.to(torch.float32)
+        k = (k32 * emb.cos() + rotate_half(k32) * emb.sin()).to(v.dtype)
+        k = k.permute(0, 3, 1, 2, 4).reshape(b, self.num_kv_heads, n * p, self.head_dim)
+        v = v.permute(0, 3, 1, 2, 4).reshape(b, self.num_kv_heads, n * p, self.head_dim)
+        return k, v
+
+    def forward(
+        self,
+        h: Tensor,
+        rope: tuple[Tensor, Tensor],
+        mask: Tensor,
+        past: KVPair | None,
+        visual: KVPair | None = None,
+        visible_images: Tensor | None = None,
+    ) -> tuple[Tensor, KVPair]:
+        ctx, q, present = self.self_attention(h, rope, mask, past)
+        if visual is None:
+            return self.o_proj(ctx), present
+        if visible_images is None:
+            raise ValueError("visual memory given without visible_images")
+        b, length, _ = ctx.shape
+        k_vis, v_vis = visual
+        key_image = torch.arange(k_vis.shape[2], device=ctx.device) // self.image_tokens  # [M]
+        allowed = key_image[None, None, :] < visible_images[:, :, None]  # [B, L, M]
+        cross_mask = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device)
+        cross_mask = cross_mask.masked_fill(~allowed, torch.finfo(q.dtype).min)[:, None]  # [B, 1, L, M]
+        vctx = F.scaled_dot_product_attention(
+            q, repeat_kv(k_vis, self.groups), repeat_kv(v_vis, self.groups), attn_mask=cross_mask
+        )
+        vctx = vctx.transpose(1, 2)  # [B, L, nh, hd]
+        ctx_heads = ctx.view(b, length, self.num_heads, self.head_dim)
+        gate = self.gate_proj(ctx_heads)  # sigmoid, computed from the self-attention context
+        mixed = ctx_heads * (1 - gate) + vctx * gate
+        sees_images = (visible_images > 0)[:, :, None, None]
+        ctx = torch.where(sees_images, mixed, ctx_heads).reshape(b, length, self.num_heads * self.head_dim)
+        return self.o_proj(ctx), present
+
+
+# ---- media_offset (the official placement format) ------------------------------------------------
+
+
+def parse_media_offset(media_offset: Tensor, num_images: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Read the official ``media_offset`` [B, L, 2] (long).
+
+    ``media_offset[b, t] = (start_b, start_b + #placeholders before t)``; a sample without images holds
+    -1000000 in column 1. ``start_b`` indexes the batch's concatenated images (pixel_values rows).
+
+    Returns (starts [B], counts [B], seen [B, L], positions [B, n_max]):
+    seen[b, t] is how many of sample b's images token t sees; positions[b, i] is the MI-RoPE position of
+    image i (the first t with seen(t) > i, i.e. its placeholder index + 1); unused entries are 0.
+    """
+    if media_offset.dim() != 3 or media_offset.shape[-1] != 2:
+        raise PromptError(
+            f"media_offset must be [B, L, 2], found {list(media_offset.shape)}",
+            where="media_offset",
+            fix="pass the processor's media_offset, or None to derive it from <|image|> tokens",
+        )
+    ends = media_offset[:, :, 1]
+    has_images = (ends >= 0).all(dim=1)
+    partial = ((ends >= 0).any(dim=1) & ~has_images).nonzero().flatten().tolist()
+    if partial:
+        raise PromptError(
+            f"media_offset rows {partial} mix negative and non-negative image counts",
+            where="media_offset",
+            fix="use -1000000 for every position of a sample without images",
+        )
+    starts = torch.where(has_images, media_offset[:, -1, 0], torch.zeros_like(ends[:, 0]))
+    seen = torch.where(has_images[:, None], ends - starts[:, None], torch.zeros_like(ends))
+    counts = seen[:, -1]
+    _check_offsets(starts, seen, counts, num_images)
+    n_max = int(counts.max()) if counts.numel() else 0
+    image_index = torch.arange(n_max, device=media_offset.device)
+    positions = (seen[:, None, :] <= image_index[None, :, None]).sum(-1)  # [B, n_max]
+    positions = torch.where(image_index[None, :] < counts[:, None], positions, torch.zeros_like(positions))
+    return starts, counts, seen, positions
+
+
+def _check_offsets(starts: Tensor, seen: Tensor, counts: Tensor, num_images: int) -> None:
+    if (seen < 0).any() or (seen[:, 1:] < seen[:, :-1]).any():
+        raise PromptError(
+            "media_offset image counts must start at the sample's start and never decrease",
+            where="media_offset",
+            fix="pass the processor's media_offset unchanged",
+        )
+    ends = starts + counts
+    if (starts < 0).any() or (ends > num_images).any():
+        raise PromptError(
+            f"media_offset refers to images up to index {int(ends.max())} but {num_images} images were given",
+            where="media_offset / pixel_values",
+            fix="pass one pixel_values row per referenced image",
+        )
+
+
+def media_offset_from_ids(input_ids: Tensor, image_token_id: int) -> Tensor:
+    """Build the official media_offset from ``<|image|>`` tokens, with global per-sample image starts."""
+    is_image = (input_ids == image_token_id).to(torch.long)  # [B, L]
+    before = torch.cumsum(is_image, dim=1) - is_image  # placeholders strictly before t
+    per_sample = is_image.sum(dim=1)
+    starts = torch.cumsum(per_sample, dim=0) - per_sample  # [B]
+    ends = torch.where(per_sample[:, None] > 0, starts[:, None] + before, torch.full_like(before, NO_IMAGES))
+    return torch.stack((starts[:, None].expand_as(before), ends), dim=-1)

@@ -1,0 +1,1 @@
+"""Quantization recipes and GPTQ / INT8 math (owl3.quantize). Built in the quantization issue."""

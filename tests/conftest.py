@@ -1,0 +1,53 @@
+"""Shared fixtures: tiny seeded models written in the real checkpoint layout, then loaded by the loader."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from owl3.config import Owl3Config
+
+
+def write_tiny_checkpoint(
+    out_dir: Path, config: Owl3Config | None = None, *, seed: int = 0, std: float = 0.05, **save_options: object
+) -> Path:
+    """A seeded random model of ``config`` (tiny by default) saved as a Hugging Face checkpoint directory."""
+    from owl3.checkpoint import random_state_dict, save_checkpoint
+
+    config = config or Owl3Config.tiny()
+    save_checkpoint(random_state_dict(config, seed=seed, std=std), config, out_dir, **save_options)
+    return out_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_checkpoint: Path):
+    from owl3.model.weights import load_model
+
+    model = load_model(tiny_checkpoint, dtype=torch.float32)
+    model.image_token_id = IMAGE_TOKEN
+    return model
+
+
+# The tiny model's vocabulary is 512; tests place images with this id (the demo tokenizer's id is separate).
+IMAGE_TOKEN = 511
+
+
+def prompt_with_images(length: int, placeholders: list[int], seed: int = 0, batch: int = 1) -> torch.Tensor:
+    """Random token ids [batch, length] in [0, 500) with the image token at the given positions."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 500, (batch, length), generator=g)
+    ids[:, placeholders] = IMAGE_TOKEN
+    return ids
+
+
+def random_pixels(n: int, config: Owl3Config | None = None, seed: int = 1) -> torch.Tensor:
+    size = (config or Owl3Config.tiny()).vision.image_size
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, 3, size, size, generator=g) * 2 - 1
