@@ -1,0 +1,243 @@
+"""owl3-export command line. Thin: each command maps onto library calls; errors follow the exit-code contract."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+from owl3.errors import InvalidInputError, Owl3Error
+
+PIPELINE = """\
+pipeline (each step writes a directory with a manifest):
+  checkpoint -> reference model -> quantize -> export ONNX -> build engine -> runtime -> validate -> report
+
+available in this version:
+  generate   run the PyTorch reference model on a prompt with images or a video, streaming the answer
+  info       check a checkpoint strictly and print its configuration and parameter count
+
+With no --model, commands use a small seeded default model (random weights, real layout and tokenizer),
+built on first use without any download, so every command works on a fresh machine.
+
+exit codes: 0 ok, 2 usage, 3 invalid input, 4 environment, 5 resources, 6 accuracy gate, 130 interrupted
+"""
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="owl3-export",
+        description="Export mPLUG-Owl3 to ONNX / TensorRT for edge GPUs, and run its reference model.",
+        epilog=PIPELINE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _add_generate(commands)
+    info = commands.add_parser("info", help="check a checkpoint and print its configuration")
+    _add_model_options(info)
+    return parser
+
+
+def _add_model_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", type=Path, help="Hugging Face checkpoint directory (default: the demo model)")
+    parser.add_argument("--dtype", choices=DTYPES, default="float32", help="weights dtype (default: float32)")
+
+
+def _add_generate(commands: argparse._SubParsersAction) -> None:
+    gen = commands.add_parser(
+        "generate",
+        help="run the PyTorch reference model and stream the answer",
+        description="Answer a prompt about images or a video with the PyTorch reference model.",
+    )
+    _add_model_options(gen)
+    gen.add_argument("--prompt", default=None, help="user message; <|image|> / <|video|> mark where media go")
+    gen.add_argument("--system", default=None, help="system message (default: empty, as the official template)")
+    media = gen.add_mutually_exclusive_group()
+    media.add_argument("--image", type=Path, action="append", default=[], help="image file (repeatable)")
+    media.add_argument("--video", type=Path, help="video file (needs PyAV) or a directory of frame images")
+    gen.add_argument("--frames", type=int, default=None, help="video: sample this many frames (eval 'middle' rule)")
+    gen.add_argument("--no-cut", action="store_true", help="images: one global view each, no crops")
+    gen.add_argument("--max-new-tokens", type=int, default=100)
+    gen.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
+    gen.add_argument("--temperature", type=float, default=1.0)
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--repetition-penalty", type=float, default=1.0)
+    gen.add_argument("--seed", type=int, default=None, help="seed for sampling")
+
+
+def _resolve_model_dir(path: Path | None) -> Path:
+    if path is not None:
+        if not path.is_dir():
+            raise InvalidInputError(
+                f"expected a model directory, found {'a file' if path.exists() else 'nothing'}",
+                where=str(path),
+                fix="pass a Hugging Face checkpoint directory (config.json, safetensors, tokenizer.json)",
+            )
+        return path
+    from owl3.demo import default_model_dir
+
+    _note("no --model given: using the built-in demo model (random weights, real architecture)")
+    return default_model_dir()
+
+
+def _torch_dtype(name: str):
+    import torch
+
+    return getattr(torch, name)
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from owl3.model.weights import count_parameters, load_model
+
+    model_dir = _resolve_model_dir(args.model)
+    model = load_model(model_dir, dtype=_torch_dtype(args.dtype))
+    config = model.config
+    text, vision = config.text, config.vision
+    print(f"model          {model_dir}")
+    print(f"parameters     {count_parameters(config):,} (checked strictly, all finite)")
+    print(f"language       {text.num_hidden_layers} layers, hidden {text.hidden_size}, heads {text.num_attention_heads}"
+          f"/{text.num_key_value_heads} kv, vocab {text.vocab_size}")  # fmt: skip
+    print(f"hyper layers   {list(config.hyper_layers)} (0-based)")
+    print(f"vision         SigLIP {vision.layers_run}/{vision.num_hidden_layers} layers run, "
+          f"{vision.image_size}px, {config.image_tokens} tokens per image")  # fmt: skip
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from owl3.model.weights import load_model
+    from owl3.processor import Owl3Processor
+
+    model_dir = _resolve_model_dir(args.model)
+    processor = Owl3Processor.from_pretrained(model_dir)
+    images, videos, prompt = _gather_media(args)
+    messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": ""}]
+    if args.system is not None:
+        messages.insert(0, {"role": "system", "content": args.system})
+    inputs = processor(messages, images=images or None, videos=videos or None, cut_enable=not args.no_cut)
+    model = load_model(model_dir, dtype=_torch_dtype(args.dtype))
+    model.image_token_id = processor.image_token_id
+    pixels = inputs["pixel_values"]
+    _note(
+        f"prompt: {inputs['input_ids'].shape[1]} tokens, "
+        f"{0 if pixels is None else pixels.shape[0]} images/crops/frames of {model.config.image_tokens} visual tokens"
+    )
+    started = time.perf_counter()
+    tokens = model.stream_generate(
+        inputs["input_ids"],
+        pixel_values=inputs["pixel_values"],
+        media_offset=inputs["media_offset"],
+        max_new_tokens=args.max_new_tokens,
+        eos_token_id=list(processor.eos_token_ids),
+        do_sample=args.do_sample,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        repetition_penalty=args.repetition_penalty,
+        seed=args.seed,
+    )
+    generated: list[int] = []
+
+    def counted() -> Iterator[int]:
+        for step in tokens:
+            generated.append(int(step[0]))
+            yield generated[-1]
+
+    for piece in stream_text(processor, counted(), set(processor.eos_token_ids)):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    seconds = time.perf_counter() - started
+    _note(f"{len(generated)} tokens in {seconds:.2f} s ({len(generated) / max(seconds, 1e-9):.1f} tokens/s)")
+    return 0
+
+
+def _gather_media(args: argparse.Namespace) -> tuple[list, list, str]:
+    """Images or video frames from the flags, and the prompt with placeholders for them."""
+    from owl3.media import load_video_frames
+
+    images: list = list(args.image)
+    videos: list = []
+    prompt = args.prompt
+    if args.video is not None:
+        sampling = "middle" if args.frames else "readme"
+        videos = [load_video_frames(args.video, sampling=sampling, num_frames=args.frames)]
+        if prompt is not None and "<|video|>" not in prompt:
+            prompt = "<|video|>\n" + prompt
+    elif not images and prompt is None:
+        from owl3.demo import demo_image
+
+        _note("no --image or --prompt given: asking about the built-in demo picture")
+        images = [demo_image()]
+    if prompt is None:
+        prompt = ("<|video|>\n" if videos else "") + "Describe this image."
+    if images and "<|image|>" not in prompt:
+        prompt = "<|image|>" * len(images) + "\n" + prompt
+    return images, videos, prompt
+
+
+def stream_text(processor, token_ids: Iterator[int], stop: set[int]) -> Iterator[str]:
+    """Turn a token stream into text pieces, holding back incomplete UTF-8 sequences."""
+    ids: list[int] = []
+    shown = ""
+    for token in token_ids:
+        if token in stop:
+            break
+        ids.append(token)
+        text = processor.decode(ids)
+        if text.endswith("\ufffd"):
+            continue  # a multi-byte character split across tokens: wait for the rest
+        if text.startswith(shown):
+            piece, shown = text[len(shown) :], text
+            if piece:
+                yield piece
+
+
+def _note(message: str) -> None:
+    print(f"owl3-export: {message}", file=sys.stderr)
+
+
+COMMANDS = {"generate": cmd_generate, "info": cmd_info}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse exits 2 on bad usage and 0 on --help
+        return int(exc.code or 0)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        return COMMANDS[args.command](args)
+    except Owl3Error as exc:
+        if args.debug:
+            raise
+        print(f"owl3-export: error: {exc.one_line()}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("owl3-export: interrupted", file=sys.stderr)
+        return 130
+    except MemoryError:
+        if args.debug:
+            raise
+        print("owl3-export: error: out of memory: use a smaller --dtype or fewer images", file=sys.stderr)
+        return 5
+    except Exception as exc:  # a bug: one line, the traceback behind --debug
+        if args.debug:
+            raise
+        print(
+            f"owl3-export: error: internal error {type(exc).__name__}: {exc} (command {args.command}): "
+            "rerun with --debug and report the traceback",
+            file=sys.stderr,
+        )
+        return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,85 @@
+"""The command line: the demo model on a fresh cache, streaming, and the error contract (one line, exit code)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from owl3.cli import main
+
+
+@pytest.fixture
+def fresh_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("OWL3_HOME", str(tmp_path / "home"))
+    return tmp_path / "home"
+
+
+def test_help_shows_the_pipeline(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert "checkpoint -> reference model -> quantize -> export ONNX" in out and "generate" in out
+
+
+def test_no_command_prints_help_and_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([]) == 2
+    assert "usage: owl3-export" in capsys.readouterr().out
+
+
+def test_generate_on_a_fresh_machine_builds_the_demo_model(fresh_home: Path, capsys) -> None:
+    assert main(["generate", "--max-new-tokens", "5"]) == 0
+    captured = capsys.readouterr()
+    assert (fresh_home / "owl3-demo-random-v1" / "model.safetensors").is_file()
+    assert "built-in demo picture" in captured.err and "tokens in" in captured.err
+    assert "images/crops/frames" in captured.err
+    # Deterministic: the same answer again, from the cached model.
+    assert main(["generate", "--max-new-tokens", "5"]) == 0
+    assert capsys.readouterr().out == captured.out
+
+
+def test_generate_with_images_and_sampling(fresh_home: Path, tmp_path: Path, capsys) -> None:
+    image = tmp_path / "a.png"
+    Image.new("RGB", (120, 80), (200, 10, 10)).save(image)
+    args = ["generate", "--image", str(image), "--image", str(image), "--no-cut", "--prompt", "Same?"]
+    assert main([*args, "--max-new-tokens", "4", "--do-sample", "--seed", "3", "--top-p", "0.9"]) == 0
+    assert "2 images/crops/frames" in capsys.readouterr().err
+
+
+def test_info_checks_the_checkpoint(fresh_home: Path, capsys) -> None:
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "checked strictly, all finite" in out and "hyper layers   [0, 2]" in out
+
+
+@pytest.mark.parametrize(
+    ("argv", "code", "message"),
+    [
+        (["generate", "--model", "/nonexistent/model"], 3, "expected a model directory, found nothing"),
+        (["generate", "--image", "/nonexistent.png", "--prompt", "x"], 3, "nonexistent.png"),
+        (["generate", "--temperature", "0", "--do-sample", "--prompt", "x"], 2, "temperature must be > 0"),
+        (["generate", "--prompt", "<|image|><|image|>two", "--image", "IMG"], 3, "2 <|image|> placeholders but 1"),
+    ],
+)
+def test_errors_are_one_line_with_the_contract_exit_code(
+    fresh_home: Path, tmp_path: Path, capsys, argv: list[str], code: int, message: str
+) -> None:
+    image = tmp_path / "one.png"
+    Image.new("RGB", (40, 40)).save(image)
+    argv = [str(image) if a == "IMG" else a for a in argv]
+    assert main(argv) == code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("owl3-export: error: ") and message in err[-1]
+    assert not any("Traceback" in line for line in err)
+
+
+def test_empty_image_file_is_rejected(fresh_home: Path, tmp_path: Path, capsys) -> None:
+    empty = tmp_path / "empty.jpg"
+    empty.write_bytes(b"")
+    assert main(["generate", "--image", str(empty), "--prompt", "x"]) == 3
+    assert "empty.jpg" in capsys.readouterr().err
+
+
+def test_bad_usage_exits_2(capsys) -> None:
+    assert main(["generate", "--dtype", "int3"]) == 2
+    assert "invalid choice" in capsys.readouterr().err
