@@ -15,6 +15,10 @@ pipeline (each step writes a directory with a manifest):
   checkpoint -> reference model -> quantize -> export ONNX -> build engine -> runtime -> validate -> report
 
 available in this version:
+  owl3-export --precision fp32|fp16 [--model DIR] [--output DIR]
+             export ONNX graphs (vision, visual memory, decoder with KV cache), validate them against
+             PyTorch and write a verified export directory (quantize and engine build come later)
+  run        answer a prompt from an export directory with the torch-free runtime (ONNX Runtime)
   generate   run the PyTorch reference model on a prompt with images or a video, streaming the answer
   info       check a checkpoint strictly and print its configuration and parameter count
 
@@ -35,6 +39,12 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    pipeline = parser.add_argument_group("the export pipeline (no command)")
+    pipeline.add_argument("--precision", choices=("fp32", "fp16"), help="export precision; runs the pipeline")
+    pipeline.add_argument("--model", dest="pipeline_model", type=Path, help="checkpoint directory (default: demo)")
+    pipeline.add_argument("--output", type=Path, help="export directory (default: exports/<model>-<precision>)")
+    pipeline.add_argument("--force", action="store_true", help="replace an existing export directory of ours")
+    pipeline.add_argument("--no-validate", action="store_true", help="skip the comparison with PyTorch")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_generate(commands)
     info = commands.add_parser("info", help="check a checkpoint and print its configuration")
@@ -89,6 +99,18 @@ def _torch_dtype(name: str):
     import torch
 
     return getattr(torch, name)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from owl3.export.pipeline import export_model
+
+    model_dir = _resolve_model_dir(args.pipeline_model)
+    output = args.output or Path("exports") / f"{model_dir.resolve().name}-{args.precision}"
+    started = time.perf_counter()
+    export_model(model_dir, output, args.precision, force=args.force, validate=not args.no_validate, progress=_note)
+    _note(f"done in {time.perf_counter() - started:.1f} s; try: owl3-export run --export {output}")
+    print(output)
+    return 0
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -210,11 +232,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # argparse exits 2 on bad usage and 0 on --help
         return int(exc.code or 0)
-    if args.command is None:
+    if args.command is None and args.precision is None:
         parser.print_help()
         return 2
     try:
-        return COMMANDS[args.command](args)
+        return COMMANDS[args.command](args) if args.command else cmd_export(args)
     except Owl3Error as exc:
         if args.debug:
             raise

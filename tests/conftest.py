@@ -51,3 +51,28 @@ def random_pixels(n: int, config: Owl3Config | None = None, seed: int = 1) -> to
     size = (config or Owl3Config.tiny()).vision.image_size
     g = torch.Generator().manual_seed(seed)
     return torch.rand(n, 3, size, size, generator=g) * 2 - 1
+
+
+@pytest.fixture(scope="session")
+def demo_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The default demo checkpoint (real layout, tokenizer included), built once per test session."""
+    from owl3.demo import build_demo_model
+
+    return build_demo_model(tmp_path_factory.mktemp("demo") / "owl3-demo")
+
+
+def _export(tmp_path_factory: pytest.TempPathFactory, model_dir: Path, precision: str) -> Path:
+    from owl3.export.pipeline import export_model
+
+    return export_model(model_dir, tmp_path_factory.mktemp("exports") / f"demo-{precision}", precision)
+
+
+@pytest.fixture(scope="session")
+def demo_export_fp32(tmp_path_factory: pytest.TempPathFactory, demo_model_dir: Path) -> Path:
+    """The demo model exported and validated in fp32 (shared by export and runtime tests)."""
+    return _export(tmp_path_factory, demo_model_dir, "fp32")
+
+
+@pytest.fixture(scope="session")
+def demo_export_fp16(tmp_path_factory: pytest.TempPathFactory, demo_model_dir: Path) -> Path:
+    return _export(tmp_path_factory, demo_model_dir, "fp16")

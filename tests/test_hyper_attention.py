@@ -6,9 +6,15 @@ import pytest
 import torch
 
 from owl3.errors import PromptError
-from owl3.model.hyper import NO_IMAGES, media_offset_from_ids, parse_media_offset
+from owl3.placement import NO_IMAGES, parse_media_offset
+from owl3.placement import media_offset_from_ids as _offsets_np
 from tests.conftest import IMAGE_TOKEN, prompt_with_images, random_pixels
 from tests.official_reference import official_logits
+
+
+def media_offset_from_ids(ids: torch.Tensor, image_token: int) -> torch.Tensor:
+    return torch.from_numpy(_offsets_np(ids.numpy(), image_token))
+
 
 EXACT = 1e-6  # same math, different batching of the same fp32 ops
 
@@ -138,8 +144,9 @@ def test_media_offset_is_derived_from_image_tokens(tiny_model) -> None:
     assert offsets[0, :, 1].tolist() == expected and offsets[0, :, 0].tolist() == [0] * 12
     pixels = random_pixels(2)
     assert torch.equal(_run(tiny_model, ids, pixels).logits, _run(tiny_model, ids, pixels, offsets).logits)
-    _, counts, seen, positions = parse_media_offset(offsets, 2)
-    assert counts.tolist() == [2] and positions.tolist() == [[4, 8]] and torch.equal(seen, offsets[:, :, 1])
+    placement = parse_media_offset(offsets.numpy(), 2)
+    assert placement.counts.tolist() == [2] and placement.positions.tolist() == [[4, 8]]
+    assert (placement.seen == offsets[:, :, 1].numpy()).all()
 
 
 def test_placeholder_and_image_count_mismatch_is_rejected(tiny_model) -> None:

@@ -1,1 +1,1 @@
-"""Backend comparison, drift metrics and reports (owl3.validate). Built in the validator issue."""
+"""Backend comparison, drift metrics and reports (owl3.validate): one comparison path for any two backends."""

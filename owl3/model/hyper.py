@@ -20,14 +20,11 @@ decode step; the official code recomputes them each step from identical inputs, 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from owl3.config import TextConfig
-from owl3.errors import PromptError
-from owl3.model.qwen2 import KVPair, Qwen2Attention, repeat_kv, rope_inv_freq, rotate_half
-
-NO_IMAGES = -1_000_000  # media_offset[..., 1] of a sample without images (official value)
+from owl3.model.attention import compute_dtype, grouped_attention, rope_inv_freq, rotate_half
+from owl3.model.qwen2 import KVPair, Qwen2Attention
 
 
 class HyperAttention(Qwen2Attention):
@@ -83,78 +80,12 @@ class HyperAttention(Qwen2Attention):
         allowed = key_image[None, None, :] < visible_images[:, :, None]  # [B, L, M]
         cross_mask = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device)
         cross_mask = cross_mask.masked_fill(~allowed, torch.finfo(q.dtype).min)[:, None]  # [B, 1, L, M]
-        vctx = F.scaled_dot_product_attention(
-            q, repeat_kv(k_vis, self.groups), repeat_kv(v_vis, self.groups), attn_mask=cross_mask
-        )
-        vctx = vctx.transpose(1, 2)  # [B, L, nh, hd]
+        vctx = grouped_attention(q, k_vis, v_vis, cross_mask).transpose(1, 2)  # [B, L, nh, hd]
         ctx_heads = ctx.view(b, length, self.num_heads, self.head_dim)
-        gate = self.gate_proj(ctx_heads)  # sigmoid, computed from the self-attention context
-        mixed = ctx_heads * (1 - gate) + vctx * gate
+        work = compute_dtype(ctx.dtype)  # the gate and the mix run in fp32 under fp32 islands
+        # The gate is computed from the self-attention context: sigmoid(Linear(ctx)) = gate_proj (Linear, Sigmoid).
+        gate = torch.sigmoid(self.gate_proj[0](ctx_heads).to(work))
+        mixed = (ctx_heads.to(work) * (1 - gate) + vctx.to(work) * gate).to(ctx.dtype)
         sees_images = (visible_images > 0)[:, :, None, None]
         ctx = torch.where(sees_images, mixed, ctx_heads).reshape(b, length, self.num_heads * self.head_dim)
         return self.o_proj(ctx), present
-
-
-# ---- media_offset (the official placement format) ------------------------------------------------
-
-
-def parse_media_offset(media_offset: Tensor, num_images: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Read the official ``media_offset`` [B, L, 2] (long).
-
-    ``media_offset[b, t] = (start_b, start_b + #placeholders before t)``; a sample without images holds
-    -1000000 in column 1. ``start_b`` indexes the batch's concatenated images (pixel_values rows).
-
-    Returns (starts [B], counts [B], seen [B, L], positions [B, n_max]):
-    seen[b, t] is how many of sample b's images token t sees; positions[b, i] is the MI-RoPE position of
-    image i (the first t with seen(t) > i, i.e. its placeholder index + 1); unused entries are 0.
-    """
-    if media_offset.dim() != 3 or media_offset.shape[-1] != 2:
-        raise PromptError(
-            f"media_offset must be [B, L, 2], found {list(media_offset.shape)}",
-            where="media_offset",
-            fix="pass the processor's media_offset, or None to derive it from <|image|> tokens",
-        )
-    ends = media_offset[:, :, 1]
-    has_images = (ends >= 0).all(dim=1)
-    partial = ((ends >= 0).any(dim=1) & ~has_images).nonzero().flatten().tolist()
-    if partial:
-        raise PromptError(
-            f"media_offset rows {partial} mix negative and non-negative image counts",
-            where="media_offset",
-            fix="use -1000000 for every position of a sample without images",
-        )
-    starts = torch.where(has_images, media_offset[:, -1, 0], torch.zeros_like(ends[:, 0]))
-    seen = torch.where(has_images[:, None], ends - starts[:, None], torch.zeros_like(ends))
-    counts = seen[:, -1]
-    _check_offsets(starts, seen, counts, num_images)
-    n_max = int(counts.max()) if counts.numel() else 0
-    image_index = torch.arange(n_max, device=media_offset.device)
-    positions = (seen[:, None, :] <= image_index[None, :, None]).sum(-1)  # [B, n_max]
-    positions = torch.where(image_index[None, :] < counts[:, None], positions, torch.zeros_like(positions))
-    return starts, counts, seen, positions
-
-
-def _check_offsets(starts: Tensor, seen: Tensor, counts: Tensor, num_images: int) -> None:
-    if (seen < 0).any() or (seen[:, 1:] < seen[:, :-1]).any():
-        raise PromptError(
-            "media_offset image counts must start at the sample's start and never decrease",
-            where="media_offset",
-            fix="pass the processor's media_offset unchanged",
-        )
-    ends = starts + counts
-    if (starts < 0).any() or (ends > num_images).any():
-        raise PromptError(
-            f"media_offset refers to images up to index {int(ends.max())} but {num_images} images were given",
-            where="media_offset / pixel_values",
-            fix="pass one pixel_values row per referenced image",
-        )
-
-
-def media_offset_from_ids(input_ids: Tensor, image_token_id: int) -> Tensor:
-    """Build the official media_offset from ``<|image|>`` tokens, with global per-sample image starts."""
-    is_image = (input_ids == image_token_id).to(torch.long)  # [B, L]
-    before = torch.cumsum(is_image, dim=1) - is_image  # placeholders strictly before t
-    per_sample = is_image.sum(dim=1)
-    starts = torch.cumsum(per_sample, dim=0) - per_sample  # [B]
-    ends = torch.where(per_sample[:, None] > 0, starts[:, None] + before, torch.full_like(before, NO_IMAGES))
-    return torch.stack((starts[:, None].expand_as(before), ends), dim=-1)

@@ -20,9 +20,11 @@ from torch import Tensor, nn
 
 from owl3.config import Owl3Config, TextConfig
 from owl3.errors import PromptError
-from owl3.model.hyper import HyperAttention, media_offset_from_ids, parse_media_offset
-from owl3.model.qwen2 import KVPair, Qwen2Attention, Qwen2DecoderLayer, Qwen2RMSNorm, causal_mask, rope_cos_sin
+from owl3.model.attention import rope_cos_sin
+from owl3.model.hyper import HyperAttention
+from owl3.model.qwen2 import KVPair, Qwen2Attention, Qwen2DecoderLayer, Qwen2RMSNorm, causal_mask
 from owl3.model.siglip import SiglipVisionTransformer
+from owl3.placement import media_offset_from_ids, parse_media_offset
 
 
 @dataclass
@@ -158,12 +160,13 @@ class Owl3Model(nn.Module):
 
     def memory_from_media(self, image_embeds: Tensor, media_offset: Tensor) -> tuple[VisualMemory, Tensor]:
         """Official placement -> (visual memory, visible_images [B, L] for the prompt tokens)."""
-        starts, counts, seen, positions = parse_media_offset(media_offset.to(self.device), image_embeds.shape[0])
-        n_max = positions.shape[1]
-        index = starts[:, None] + torch.arange(n_max, device=self.device)[None, :]
-        index = torch.minimum(index, torch.tensor(max(image_embeds.shape[0] - 1, 0), device=self.device))
+        placement = parse_media_offset(media_offset.cpu().numpy(), image_embeds.shape[0])
+        index = torch.from_numpy(placement.gather_index(image_embeds.shape[0])).to(self.device)
         per_sample = image_embeds[index]  # [B, n_max, P, H]
-        return self.build_visual_memory(per_sample, positions, counts), seen
+        positions = torch.from_numpy(placement.positions).to(self.device)
+        counts = torch.from_numpy(placement.counts).to(self.device)
+        memory = self.build_visual_memory(per_sample, positions, counts)
+        return memory, torch.from_numpy(placement.seen).to(self.device)
 
     # ---- the official-compatible entry point ------------------------------------------------------
     def forward(
@@ -232,7 +235,7 @@ class Owl3Model(nn.Module):
                 where="input_ids / pixel_values",
                 fix="give one image (crop, frame) per placeholder",
             )
-        return media_offset_from_ids(input_ids, self.image_token_id)
+        return torch.from_numpy(media_offset_from_ids(input_ids.cpu().numpy(), self.image_token_id))
 
     # ---- generation -------------------------------------------------------------------------------
     def stream_generate(self, input_ids: Tensor, **kwargs: object) -> Iterator[Tensor]:

@@ -1,8 +1,8 @@
 """Qwen2 decoder building blocks (spec §4 step 2, §5, §6).
 
 Written to export cleanly: the KV cache is explicit (past K/V in, present K/V out), the attention mask is
-an explicit additive tensor, and no module keeps state between calls. Rotary tables are computed from
-``position_ids`` on the fly in fp32, then cast to the activation dtype (the official table-then-cast rule).
+an explicit additive tensor, and no module keeps state between calls. Rotary and attention math live in
+``owl3.model.attention``.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from owl3.config import TextConfig
+from owl3.model.attention import apply_rope, grouped_attention, islands_active
 
 KVPair = tuple[Tensor, Tensor]  # (key, value), each [B, nkv, T, hd], keys post-RoPE
 
@@ -29,30 +30,6 @@ class Qwen2RMSNorm(nn.Module):
         x32 = x.to(torch.float32)
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(dtype)
-
-
-def rope_inv_freq(head_dim: int, theta: float, device: torch.device | None = None) -> Tensor:
-    """Inverse frequencies 1 / theta^(2i/hd), fp32 [hd/2]."""
-    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).to(torch.float32) / head_dim
-    return 1.0 / (theta**exponents)
-
-
-def rotate_half(x: Tensor) -> Tensor:
-    """[x1, x2] -> [-x2, x1] over the last dim (HF rotate-half convention)."""
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
-def rope_cos_sin(position_ids: Tensor, head_dim: int, theta: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """Rotary cos/sin for text tokens: fp32 angles, cast to ``dtype``. position_ids [B,L] -> [B,1,L,hd]."""
-    inv_freq = rope_inv_freq(head_dim, theta, position_ids.device)
-    angles = position_ids.to(torch.float32)[..., None] * inv_freq  # [B, L, hd/2]
-    emb = torch.cat((angles, angles), dim=-1)[:, None]  # [B, 1, L, hd]
-    return emb.cos().to(dtype), emb.sin().to(dtype)
-
-
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    return x * cos + rotate_half(x) * sin
 
 
 def repeat_kv(x: Tensor, groups: int) -> Tensor:
@@ -114,7 +91,12 @@ class Qwen2Attention(nn.Module):
         if past is not None:
             k = torch.cat((past[0], k), dim=2)
             v = torch.cat((past[1], v), dim=2)
-        ctx = F.scaled_dot_product_attention(q, repeat_kv(k, self.groups), repeat_kv(v, self.groups), attn_mask=mask)
+        if islands_active():  # fp32 softmax inside half-precision models (fp16 export)
+            ctx = grouped_attention(q, k, v, mask)
+        else:  # the official kernel
+            ctx = F.scaled_dot_product_attention(
+                q, repeat_kv(k, self.groups), repeat_kv(v, self.groups), attn_mask=mask
+            )
         ctx = ctx.transpose(1, 2).reshape(b, length, self.num_heads * self.head_dim)
         return ctx, q, (k, v)
 

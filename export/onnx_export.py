@@ -1,0 +1,167 @@
+"""Export a checkpoint to three ONNX graphs (vision, visual memory, decoder) with bounded memory.
+
+Each graph is traced with ``torch.onnx.export(dynamo=True)`` on a model built on the *meta* device, so
+no weight is ever materialised for tracing. The initializers (named by checkpoint key) are then bound to
+lazy tensors that read one tensor at a time from the checkpoint's safetensors and convert it to the
+export dtype, and ``onnx_ir.save`` streams them into external data next to the graph (relative
+location: the directory can be moved). Exporting a 7B checkpoint therefore needs about one tensor of
+RAM beyond the exporter itself. Every graph is checked (``onnx.checker`` full check, strict shape
+inference) before the directory is finished.
+"""
+
+from __future__ import annotations
+
+import ast
+import contextlib
+import io
+import logging
+import warnings
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import torch
+from owl3.export.graphs import checkpoint_key, graph_module, trace_inputs
+from owl3.export.specs import OPSET, GraphSpec, graph_specs
+from safetensors import safe_open
+
+from owl3.config import Owl3Config
+from owl3.errors import CheckpointError, Owl3Error
+from owl3.model.attention import fp32_islands
+from owl3.model.owl3 import Owl3Model
+from owl3.model.safetensors_files import CheckpointFiles
+
+TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+_IN_FLIGHT_BYTES = 256 << 20  # bounds what onnx_ir.save holds in memory while streaming weights
+_ALIGNMENT = 1 << 16
+
+
+class ExportError(Owl3Error):
+    """The exporter produced a graph that fails its checks (a bug: exit 1)."""
+
+
+def trace_graph(name: str, config: Owl3Config, precision: str) -> ir.Model:
+    """Trace graph ``name`` on the meta device; initializers carry no data yet."""
+    spec = graph_specs(config, precision)[name]
+    with torch.device("meta"):
+        model = Owl3Model(config).to(TORCH_DTYPES[precision]).eval()
+    args, dynamic = trace_inputs(spec, "meta")
+    islands = fp32_islands() if precision != "fp32" else contextlib.nullcontext()
+    quiet = io.StringIO()
+    with islands, warnings.catch_warnings(), contextlib.redirect_stdout(quiet), _quiet_exporter_logs():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            graph_module(name, model),
+            args,
+            dynamo=True,
+            dynamic_shapes=dynamic,
+            opset_version=OPSET,
+            input_names=[t.name for t in spec.inputs],
+            output_names=[t.name for t in spec.outputs],
+            optimize=False,  # folding would read the (meta) weights; ONNX Runtime optimises at load
+        )
+    return program.model
+
+
+@contextlib.contextmanager
+def _quiet_exporter_logs():
+    """The exporter logs a warning per missing optional package (torchvision) on every export."""
+    logger = logging.getLogger("torch.onnx")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+class CheckpointReader:
+    """Reads checkpoint tensors by key, converted to a numpy dtype, one at a time; checks they are finite."""
+
+    def __init__(self, files: CheckpointFiles) -> None:
+        self.files = files
+
+    def read(self, key: str, dtype: torch.dtype) -> np.ndarray:
+        info = self.files.tensors.get(key)
+        if info is None:
+            raise ExportError(
+                f"graph initializer {key!r} is not a checkpoint tensor", where="export", fix="report this bug"
+            )
+        with safe_open(str(info.file), framework="pt", device="cpu") as handle:
+            tensor = handle.get_tensor(key).to(dtype)
+        if not bool(torch.isfinite(tensor).all()):
+            raise CheckpointError(
+                f"tensor {key} holds NaN/Inf in {dtype}",
+                where=str(info.file),
+                fix="the weights are damaged or overflow this precision (export fp32)",
+            )
+        return tensor.numpy()
+
+
+def bind_weights(model: ir.Model, reader: CheckpointReader, dtype: torch.dtype) -> int:
+    """Point every initializer at a lazy read of its checkpoint tensor; returns the bytes bound."""
+    total = 0
+    for name, value in list(model.graph.initializers.items()):
+        key = checkpoint_key(name)
+
+        def load(key: str = key) -> ir.TensorProtocol:
+            return ir.tensor(reader.read(key, dtype), name=key)
+
+        value.const_value = ir.LazyTensor(load, dtype=value.dtype, shape=value.shape, name=key)
+        total += value.dtype.itemsize * int(np.prod(value.shape.numpy()))
+        value.name = key  # initializer names are checkpoint keys in the saved graph
+    return total
+
+
+def name_nodes_by_module(model: ir.Model) -> None:
+    """Rename nodes ``<module path>/<OpType>_<k>`` from the exporter's name-scope metadata."""
+    counts: Counter[str] = Counter()
+    for node in model.graph:
+        scopes = node.metadata_props.get("pkg.torch.onnx.name_scopes")
+        modules = ast.literal_eval(scopes)[:-1] if scopes else []
+        scope = next((m for m in reversed(modules) if m), "graph")
+        scope = checkpoint_key(scope) if scope != "model" else "graph"
+        key = f"{scope}/{node.op_type}"
+        node.name = f"{key}_{counts[key]}"
+        counts[key] += 1
+
+
+def save_graph(model: ir.Model, spec: GraphSpec, directory: Path) -> Path:
+    """Write ``<name>.onnx`` and its external data ``<name>.onnx.data`` into ``directory``."""
+    model.producer_name = "owl3-export"
+    path = directory / spec.file
+    ir.save(
+        model,
+        path,
+        external_data=f"{spec.file}.data",
+        size_threshold_bytes=1024,
+        max_in_flight_bytes=_IN_FLIGHT_BYTES,
+        alignment=_ALIGNMENT,
+    )
+    return path
+
+
+def check_graph(path: Path) -> int:
+    """Full ``onnx.checker`` check and strict shape inference; returns the model's IR version."""
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+        inferred = path.with_name(f".{path.name}.inferred")
+        onnx.shape_inference.infer_shapes_path(str(path), str(inferred), check_type=True, strict_mode=True)
+        inferred.unlink(missing_ok=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+        raise ExportError(f"exported graph fails ONNX checks: {exc}", where=str(path), fix="report this bug") from exc
+    return onnx.load(str(path), load_external_data=False).ir_version
+
+
+def export_graph(name: str, config: Owl3Config, precision: str, reader: CheckpointReader, directory: Path) -> dict:
+    """Trace, bind, name, save and check one graph; returns its manifest entry."""
+    spec = graph_specs(config, precision)[name]
+    model = trace_graph(name, config, precision)
+    weight_bytes = bind_weights(model, reader, TORCH_DTYPES[precision])
+    name_nodes_by_module(model)
+    path = save_graph(model, spec, directory)
+    ir_version = check_graph(path)
+    ops = Counter(node.op_type for node in model.graph)
+    return {**spec.signature(), "ir_version": ir_version, "weight_bytes": weight_bytes, "op_counts": dict(ops)}

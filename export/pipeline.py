@@ -1,0 +1,129 @@
+"""``export_model``: checkpoint -> a verified ONNX export directory (a stage artifact with a manifest).
+
+Steps: strict checks of the checkpoint (config, tensor table, tokenizer) before any heavy work, a disk
+preflight, the three graphs streamed into a staging directory, the tokenizer and config beside them,
+validation against PyTorch, then ``manifest.json`` last and an atomic rename. A failed accuracy gate
+keeps the artifact, marks it ``"status": "rejected"`` and raises GateFailure (exit 6).
+"""
+
+from __future__ import annotations
+
+import platform
+import shutil
+import time
+from collections.abc import Callable
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from owl3.export.onnx_export import CheckpointReader, export_graph
+from owl3.export.specs import GRAPH_NAMES, OPSET, PRECISIONS
+
+from owl3.artifacts import check_free_disk, file_record, staged_output, write_manifest
+from owl3.config import Owl3Config
+from owl3.errors import GateFailure, UsageError
+from owl3.model.safetensors_files import discover_checkpoint
+from owl3.model.weights import check_against_table, count_parameters, read_eos_token_ids
+from owl3.tokenizer import load_tokenizer, token_id
+
+SCHEMA = "owl3-export/onnx"
+SCHEMA_VERSION = 1
+SIDE_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+)
+_ITEMSIZE = {"fp32": 4, "fp16": 2}
+
+Progress = Callable[[str], None]
+
+
+def export_model(
+    model_dir: str | Path,
+    output_dir: str | Path,
+    precision: str = "fp32",
+    *,
+    force: bool = False,
+    validate: bool = True,
+    progress: Progress | None = None,
+) -> Path:
+    """Export ``model_dir`` (a Hugging Face checkpoint directory) to ``output_dir``; returns ``output_dir``."""
+    say = progress or (lambda _message: None)
+    if precision not in PRECISIONS:
+        raise UsageError(f"precision {precision!r} is not exportable yet", where="--precision", fix=f"use {PRECISIONS}")
+    model_dir, output = Path(model_dir), Path(output_dir)
+    config = Owl3Config.from_hf_json(model_dir)
+    files = discover_checkpoint(model_dir)
+    check_against_table(config, {n: (i.shape, i.dtype) for n, i in files.tensors.items()}, str(model_dir))
+    tokenizer = load_tokenizer(model_dir)
+    weight_bytes = count_parameters(config) * _ITEMSIZE[precision]
+    check_free_disk(output, int(weight_bytes * 1.1) + (64 << 20))
+    reader = CheckpointReader(files)
+    with staged_output(output, force=force) as staging:
+        graphs = {}
+        for name in GRAPH_NAMES:
+            started = time.perf_counter()
+            say(f"exporting the {name} graph ({precision})")
+            graphs[name] = export_graph(name, config, precision, reader, staging)
+            say(f"exported {name}.onnx in {time.perf_counter() - started:.1f} s")
+        for side in SIDE_FILES:
+            if (model_dir / side).is_file():
+                shutil.copyfile(model_dir / side, staging / side)
+        validation = _validate(staging, model_dir, precision, say) if validate else None
+        manifest = {
+            "schema": SCHEMA,
+            "schema_version": SCHEMA_VERSION,
+            "status": "rejected" if validation and not validation["passed"] else "ok",
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "precision": precision,
+            "opset": OPSET,
+            "ir_version": max(g["ir_version"] for g in graphs.values()),
+            "config": config.to_hf_dict(),
+            "graphs": graphs,
+            "tokens": {
+                "image_token_id": token_id(tokenizer, "<|image|>"),
+                "eos_token_ids": list(read_eos_token_ids(model_dir, config)),
+                "pad_token_id": 0,
+            },
+            "source": _source_record(model_dir),
+            "tools": tool_versions(),
+            "validation": validation,
+        }
+        write_manifest(staging, manifest)
+    if validation and not validation["passed"]:
+        raise GateFailure(
+            f"{len(validation['failures'])} accuracy checks failed: " + "; ".join(validation["failures"][:5]),
+            where=str(output / "manifest.json"),
+            fix="the export is kept and marked rejected; inspect the validation section of its manifest",
+        )
+    say(f"wrote {output}")
+    return output
+
+
+def _validate(staging: Path, model_dir: Path, precision: str, say: Progress) -> dict[str, Any]:
+    from owl3.export.verify import verify_export
+
+    started = time.perf_counter()
+    say("validating every graph against the PyTorch reference")
+    result = verify_export(staging, model_dir, precision)
+    verdict = "passed" if result["passed"] else f"FAILED ({len(result['failures'])} checks)"
+    say(f"validation {verdict} in {time.perf_counter() - started:.1f} s")
+    return result
+
+
+def _source_record(model_dir: Path) -> dict[str, Any]:
+    files = {p.name: file_record(p) for p in sorted(model_dir.iterdir()) if p.is_file() and p.suffix != ".py"}
+    return {"path": str(model_dir.resolve()), "files": files}
+
+
+def tool_versions() -> dict[str, str | None]:
+    versions: dict[str, str | None] = {"python": platform.python_version()}
+    for package in ("owl3-export", "torch", "onnx", "onnxscript", "onnx-ir", "onnxruntime", "onnxruntime-gpu"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = None
+    return versions

@@ -1,0 +1,132 @@
+"""Declarative specs of the three exported graphs (torch-free: the runtime reads the same names).
+
+vision         in:  pixel_values [num_images, 3, S, S]
+               out: image_embeds [num_images, P, H]
+visual_memory  in:  image_embeds [batch, max_images, P, H], image_positions [batch, max_images] (int64)
+               out: visual_key_j, visual_value_j [batch, nkv, max_images*P, hd] per hyper layer j
+decoder        in:  input_ids, position_ids, visible_images [batch, seq] (int64),
+                    past_key_i, past_value_i [batch, nkv, past, hd] per layer i,
+                    visual_key_j, visual_value_j [batch, nkv, visual, hd] per hyper layer j
+               out: logits [batch, seq, V] (float32), present_key_i, present_value_i [batch, nkv, past+seq, hd]
+
+``visible_images[b, t]`` is how many of sample b's images token t sees: ``seen(t)`` for prompt tokens,
+the sample's image count for generated tokens, 0 for no cross-attention. ``past`` and ``visual`` may be 0.
+String dims are dynamic; ``sample`` gives the sizes the exporter traces with (all >= 2, so torch.export
+never specialises a dynamic dim to 0 or 1).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from owl3.config import Owl3Config
+
+OPSET = 18  # >= 18: the ONNX Runtime 4-bit quantizer produces invalid models from opset-17 graphs
+PRECISIONS = ("fp32", "fp16")
+GRAPH_NAMES = ("vision", "visual_memory", "decoder")
+
+
+def past_key(i: int) -> str:
+    return f"past_key_{i}"
+
+
+def past_value(i: int) -> str:
+    return f"past_value_{i}"
+
+
+def present_key(i: int) -> str:
+    return f"present_key_{i}"
+
+
+def present_value(i: int) -> str:
+    return f"present_value_{i}"
+
+
+def visual_key(j: int) -> str:
+    return f"visual_key_{j}"
+
+
+def visual_value(j: int) -> str:
+    return f"visual_value_{j}"
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str  # "float32" | "float16" | "int64"
+    shape: tuple[int | str, ...]
+
+    def to_json(self) -> dict[str, object]:
+        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+
+
+@dataclass(frozen=True)
+class GraphSpec:
+    name: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    sample: dict[str, int]  # trace sizes of the dynamic dims
+
+    @property
+    def file(self) -> str:
+        return f"{self.name}.onnx"
+
+    def signature(self) -> dict[str, object]:
+        return {
+            "file": self.file,
+            "inputs": [t.to_json() for t in self.inputs],
+            "outputs": [t.to_json() for t in self.outputs],
+        }
+
+
+def float_dtype(precision: str) -> str:
+    return {"fp32": "float32", "fp16": "float16"}[precision]
+
+
+def graph_specs(config: Owl3Config, precision: str) -> dict[str, GraphSpec]:
+    """The three graph specs of ``config`` at ``precision`` (fp32 | fp16)."""
+    f = float_dtype(precision)
+    text, size = config.text, config.vision.image_size
+    p, h, nkv, hd = config.image_tokens, text.hidden_size, text.num_key_value_heads, text.head_dim
+    layers, hyper = range(text.num_hidden_layers), range(len(config.hyper_layers))
+    vision = GraphSpec(
+        "vision",
+        inputs=(TensorSpec("pixel_values", f, ("num_images", 3, size, size)),),
+        outputs=(TensorSpec("image_embeds", f, ("num_images", p, h)),),
+        sample={"num_images": 2},
+    )
+    memory = GraphSpec(
+        "visual_memory",
+        inputs=(
+            TensorSpec("image_embeds", f, ("batch", "max_images", p, h)),
+            TensorSpec("image_positions", "int64", ("batch", "max_images")),
+        ),
+        outputs=tuple(
+            TensorSpec(name(j), f, ("batch", nkv, "visual", hd)) for j in hyper for name in (visual_key, visual_value)
+        ),
+        sample={"batch": 2, "max_images": 2},
+    )
+    decoder = GraphSpec(
+        "decoder",
+        inputs=(
+            TensorSpec("input_ids", "int64", ("batch", "seq")),
+            TensorSpec("position_ids", "int64", ("batch", "seq")),
+            TensorSpec("visible_images", "int64", ("batch", "seq")),
+            *(TensorSpec(name(i), f, ("batch", nkv, "past", hd)) for i in layers for name in (past_key, past_value)),
+            *(
+                TensorSpec(name(j), f, ("batch", nkv, "visual", hd))
+                for j in hyper
+                for name in (visual_key, visual_value)
+            ),
+        ),
+        outputs=(
+            TensorSpec("logits", "float32", ("batch", "seq", text.vocab_size)),
+            *(
+                TensorSpec(name(i), f, ("batch", nkv, "past+seq", hd))
+                for i in layers
+                for name in (present_key, present_value)
+            ),
+        ),
+        sample={"batch": 2, "seq": 3, "past": 4, "visual": 2 * p},
+    )
+    return {spec.name: spec for spec in (vision, memory, decoder)}

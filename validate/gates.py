@@ -1,0 +1,49 @@
+"""Accuracy gates, in one versioned place (starting values of the shared validation doc; recalibrate on
+first real runs and bump GATES_VERSION with every change)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from owl3.validate.compare import DistributionComparison, TensorComparison
+
+GATES_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Gate:
+    """Limits for one comparison; None disables a check. Tensor limits apply to every output compared."""
+
+    name: str
+    max_abs: float | None = None  # on logits (L1)
+    min_cosine: float | None = None  # on every output (L1)
+    finite: bool = True  # no NaN / Inf in the candidate
+    max_kl_mean: float | None = None  # L2
+    min_top1: float | None = None  # L2
+
+    def check_tensor(self, result: TensorComparison, *, is_logits: bool) -> list[str]:
+        failures = []
+        if self.finite and (result.nan or result.inf):
+            failures.append(f"{result.name}: {result.nan} NaN and {result.inf} Inf values")
+        if self.max_abs is not None and is_logits and result.max_abs > self.max_abs:
+            failures.append(f"{result.name}: max abs error {result.max_abs:.3g} > {self.max_abs:g}")
+        if self.min_cosine is not None and result.cosine < self.min_cosine:
+            failures.append(f"{result.name}: cosine {result.cosine:.6f} < {self.min_cosine:g}")
+        return failures
+
+    def check_distribution(self, name: str, result: DistributionComparison) -> list[str]:
+        failures = []
+        if self.max_kl_mean is not None and result.kl_mean > self.max_kl_mean:
+            failures.append(f"{name}: mean KL {result.kl_mean:.3g} > {self.max_kl_mean:g}")
+        if self.min_top1 is not None and result.top1_agreement < self.min_top1:
+            failures.append(f"{name}: top-1 agreement {result.top1_agreement:.4f} < {self.min_top1:g}")
+        return failures
+
+    def to_json(self) -> dict[str, object]:
+        return {"version": GATES_VERSION, **asdict(self)}
+
+
+GATES = {
+    "onnx-fp32": Gate("ONNX fp32 (ONNX Runtime CPU) vs PyTorch fp32", max_abs=1e-4, min_top1=1.0),
+    "onnx-fp16": Gate("fp16 export vs PyTorch fp16", min_cosine=0.9999, max_kl_mean=1e-3, min_top1=0.99),
+}
