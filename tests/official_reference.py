@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from owl3.model.qwen2 import repeat_kv, rope_cos_sin, rotate_half
+from owl3.model.attention import rope_cos_sin, rotate_half
+from owl3.model.qwen2 import repeat_kv
 
 
 def official_layer(layer, x: Tensor, image_embeds: Tensor | None, media_offset: Tensor | None, theta: float) -> Tensor:
