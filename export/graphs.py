@@ -9,10 +9,10 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from owl3.export.specs import GraphSpec
 from torch import Tensor, nn
 from torch.export import Dim
 
+from owl3.export.specs import GraphSpec
 from owl3.model.owl3 import Owl3Model, VisualMemory
 
 WRAPPER_PREFIX = "model."
@@ -62,6 +62,7 @@ class DecoderGraph(nn.Module):
         input_ids: Tensor,
         position_ids: Tensor,
         visible_images: Tensor,
+        logit_positions: Tensor,
         past: list[Tensor],
         visual: list[Tensor],
     ) -> tuple[Tensor, list[Tensor]]:
@@ -69,7 +70,9 @@ class DecoderGraph(nn.Module):
         memory = VisualMemory(
             kv=[(visual[2 * j], visual[2 * j + 1]) for j in range(len(visual) // 2)], image_counts=None
         )
-        logits, present = self.model.language_model(input_ids, position_ids, pairs, memory, visible_images)
+        logits, present = self.model.language_model(
+            input_ids, position_ids, pairs, memory, visible_images, logit_positions
+        )
         return logits, [t for kv in present for t in kv]
 
 
@@ -93,18 +96,15 @@ def trace_inputs(spec: GraphSpec, device: torch.device | str) -> tuple[tuple[Any
     if spec.name != "decoder":
         return tuple(example(i) for i in range(count)), tuple(dynamic(i) for i in range(count))
     first_visual = next(i for i, t in enumerate(spec.inputs) if t.name.startswith("visual_"))
+    first_past = 4  # input_ids, position_ids, visible_images, logit_positions
     args = (
-        example(0),
-        example(1),
-        example(2),
-        [example(i) for i in range(3, first_visual)],
+        *(example(i) for i in range(first_past)),
+        [example(i) for i in range(first_past, first_visual)],
         [example(i) for i in range(first_visual, count)],
     )
     shapes = (
-        dynamic(0),
-        dynamic(1),
-        dynamic(2),
-        [dynamic(i) for i in range(3, first_visual)],
+        *(dynamic(i) for i in range(first_past)),
+        [dynamic(i) for i in range(first_past, first_visual)],
         [dynamic(i) for i in range(first_visual, count)],
     )
     return args, shapes

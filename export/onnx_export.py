@@ -23,12 +23,12 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import torch
-from owl3.export.graphs import checkpoint_key, graph_module, trace_inputs
-from owl3.export.specs import OPSET, GraphSpec, graph_specs
 from safetensors import safe_open
 
 from owl3.config import Owl3Config
 from owl3.errors import CheckpointError, Owl3Error
+from owl3.export.graphs import checkpoint_key, graph_module, trace_inputs
+from owl3.export.specs import OPSET, GraphSpec, graph_specs
 from owl3.model.attention import fp32_islands
 from owl3.model.owl3 import Owl3Model
 from owl3.model.safetensors_files import CheckpointFiles

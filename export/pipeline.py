@@ -17,18 +17,15 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from owl3.export.onnx_export import CheckpointReader, export_graph
-from owl3.export.specs import GRAPH_NAMES, OPSET, PRECISIONS
-
 from owl3.artifacts import check_free_disk, file_record, staged_output, write_manifest
 from owl3.config import Owl3Config
-from owl3.errors import GateFailure, UsageError
+from owl3.errors import GateFailure, ResourceError, UsageError
+from owl3.export.onnx_export import CheckpointReader, export_graph
+from owl3.export.specs import GRAPH_NAMES, OPSET, PRECISIONS, SCHEMA, SCHEMA_VERSION
 from owl3.model.safetensors_files import discover_checkpoint
-from owl3.model.weights import check_against_table, count_parameters, read_eos_token_ids
+from owl3.model.weights import available_ram_bytes, check_against_table, count_parameters, read_eos_token_ids
 from owl3.tokenizer import load_tokenizer, token_id
 
-SCHEMA = "owl3-export/onnx"
-SCHEMA_VERSION = 1
 SIDE_FILES = (
     "config.json",
     "generation_config.json",
@@ -61,6 +58,8 @@ def export_model(
     tokenizer = load_tokenizer(model_dir)
     weight_bytes = count_parameters(config) * _ITEMSIZE[precision]
     check_free_disk(output, int(weight_bytes * 1.1) + (64 << 20))
+    if validate:
+        _check_validation_memory(weight_bytes)
     reader = CheckpointReader(files)
     with staged_output(output, force=force) as staging:
         graphs = {}
@@ -101,6 +100,17 @@ def export_model(
         )
     say(f"wrote {output}")
     return output
+
+
+def _check_validation_memory(weight_bytes: int) -> None:
+    """Validation holds the PyTorch reference and the ONNX Runtime sessions at once: about twice the weights."""
+    needed, available = 2 * weight_bytes + (512 << 20), available_ram_bytes()
+    if available is not None and needed > available:
+        raise ResourceError(
+            f"validating needs about {needed / 2**30:.1f} GiB of RAM, {available / 2**30:.1f} GiB available",
+            where="export preflight",
+            fix="export with --no-validate here and validate on a larger machine",
+        )
 
 
 def _validate(staging: Path, model_dir: Path, precision: str, say: Progress) -> dict[str, Any]:

@@ -5,9 +5,10 @@ vision         in:  pixel_values [num_images, 3, S, S]
 visual_memory  in:  image_embeds [batch, max_images, P, H], image_positions [batch, max_images] (int64)
                out: visual_key_j, visual_value_j [batch, nkv, max_images*P, hd] per hyper layer j
 decoder        in:  input_ids, position_ids, visible_images [batch, seq] (int64),
+                    logit_positions [batch, logit_count] (int64): the positions projected to logits,
                     past_key_i, past_value_i [batch, nkv, past, hd] per layer i,
                     visual_key_j, visual_value_j [batch, nkv, visual, hd] per hyper layer j
-               out: logits [batch, seq, V] (float32), present_key_i, present_value_i [batch, nkv, past+seq, hd]
+               out: logits [batch, logit_count, V] (float32), present_key_i, present_value_i [batch, nkv, past+seq, hd]
 
 ``visible_images[b, t]`` is how many of sample b's images token t sees: ``seen(t)`` for prompt tokens,
 the sample's image count for generated tokens, 0 for no cross-attention. ``past`` and ``visual`` may be 0.
@@ -24,6 +25,8 @@ from owl3.config import Owl3Config
 OPSET = 18  # >= 18: the ONNX Runtime 4-bit quantizer produces invalid models from opset-17 graphs
 PRECISIONS = ("fp32", "fp16")
 GRAPH_NAMES = ("vision", "visual_memory", "decoder")
+SCHEMA = "owl3-export/onnx"  # manifest kind of an export directory
+SCHEMA_VERSION = 1
 
 
 def past_key(i: int) -> str:
@@ -112,6 +115,7 @@ def graph_specs(config: Owl3Config, precision: str) -> dict[str, GraphSpec]:
             TensorSpec("input_ids", "int64", ("batch", "seq")),
             TensorSpec("position_ids", "int64", ("batch", "seq")),
             TensorSpec("visible_images", "int64", ("batch", "seq")),
+            TensorSpec("logit_positions", "int64", ("batch", "logit_count")),
             *(TensorSpec(name(i), f, ("batch", nkv, "past", hd)) for i in layers for name in (past_key, past_value)),
             *(
                 TensorSpec(name(j), f, ("batch", nkv, "visual", hd))
@@ -120,13 +124,13 @@ def graph_specs(config: Owl3Config, precision: str) -> dict[str, GraphSpec]:
             ),
         ),
         outputs=(
-            TensorSpec("logits", "float32", ("batch", "seq", text.vocab_size)),
+            TensorSpec("logits", "float32", ("batch", "logit_count", text.vocab_size)),
             *(
                 TensorSpec(name(i), f, ("batch", nkv, "past+seq", hd))
                 for i in layers
                 for name in (present_key, present_value)
             ),
         ),
-        sample={"batch": 2, "seq": 3, "past": 4, "visual": 2 * p},
+        sample={"batch": 2, "seq": 3, "logit_count": 2, "past": 4, "visual": 2 * p},
     )
     return {spec.name: spec for spec in (vision, memory, decoder)}

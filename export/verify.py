@@ -16,15 +16,15 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 import torch
-from owl3.export.specs import past_key, past_value, visual_key, visual_value
-from owl3.validate.compare import compare_distributions, compare_tensors
-from owl3.validate.gates import GATES
 from PIL import Image
 
 from owl3.demo import demo_image
+from owl3.export.specs import past_key, past_value, visual_key, visual_value
 from owl3.model.attention import fp32_islands
 from owl3.model.weights import load_model
 from owl3.processor import Owl3Processor
+from owl3.validate.compare import compare_distributions, compare_tensors
+from owl3.validate.gates import GATES
 
 _TORCH = {"fp32": torch.float32, "fp16": torch.float16}
 _NUMPY = {"fp32": np.float32, "fp16": np.float16}
@@ -97,7 +97,7 @@ def _verify_case(model, graphs: _Graphs, inputs: dict[str, Any], precision: str)
         tensors += _verify_memory(model, graphs, embeds, inputs["media_offset"], memory, f)
     positions = torch.arange(ids.shape[1])[None]
     logits, present = model.language_model(ids, positions, None, memory, visible)
-    feeds = _decoder_feeds(config, ids, positions, visible, None, memory, f)
+    feeds = _decoder_feeds(config, ids, positions, visible, positions, None, memory, f)  # every position
     onnx_out = graphs.run("decoder", feeds)
     tensors.append(compare_tensors("decoder/prefill/logits", _np(logits), onnx_out["logits"]))
     tensors.append(compare_tensors("decoder/prefill/present_key_0", _np(present[0][0]), onnx_out["present_key_0"]))
@@ -107,7 +107,7 @@ def _verify_case(model, graphs: _Graphs, inputs: dict[str, Any], precision: str)
     position = torch.full_like(token, ids.shape[1])
     ref_step, _ = model.language_model(token, position, present, memory, step_visible)
     onnx_past = [(onnx_out[f"present_key_{i}"], onnx_out[f"present_value_{i}"]) for i in range(len(present))]
-    step_feeds = _decoder_feeds(config, token, position, step_visible, onnx_past, memory, f)
+    step_feeds = _decoder_feeds(config, token, position, step_visible, torch.zeros_like(token), onnx_past, memory, f)
     onnx_step = graphs.run("decoder", step_feeds)
     tensors.append(compare_tensors("decoder/decode/logits", _np(ref_step), onnx_step["logits"]))
     reference_all = np.concatenate([_np(logits), _np(ref_step)], axis=1)
@@ -130,11 +130,12 @@ def _verify_memory(model, graphs: _Graphs, embeds, media_offset: np.ndarray, mem
     return results
 
 
-def _decoder_feeds(config, ids, positions, visible, past, memory, f) -> dict[str, np.ndarray]:
+def _decoder_feeds(config, ids, positions, visible, logit_positions, past, memory, f) -> dict[str, np.ndarray]:
     text = config.text
     b, nkv, hd = ids.shape[0], text.num_key_value_heads, text.head_dim
     empty = np.zeros((b, nkv, 0, hd), dtype=f)
     feeds = {"input_ids": _np(ids), "position_ids": _np(positions), "visible_images": _np(visible)}
+    feeds["logit_positions"] = _np(logit_positions)
     for i in range(text.num_hidden_layers):
         feeds[past_key(i)] = past[i][0] if past else empty
         feeds[past_value(i)] = past[i][1] if past else empty

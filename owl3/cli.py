@@ -9,6 +9,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from owl3.errors import InvalidInputError, Owl3Error
+from owl3.runtime.cli import add_run_parser, cmd_run
 
 PIPELINE = """\
 pipeline (each step writes a directory with a manifest):
@@ -46,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     pipeline.add_argument("--force", action="store_true", help="replace an existing export directory of ours")
     pipeline.add_argument("--no-validate", action="store_true", help="skip the comparison with PyTorch")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    add_run_parser(commands)
     _add_generate(commands)
     info = commands.add_parser("info", help="check a checkpoint and print its configuration")
     _add_model_options(info)
@@ -133,10 +135,11 @@ def cmd_info(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     from owl3.model.weights import load_model
     from owl3.processor import Owl3Processor
+    from owl3.runtime.sampling import stream_text
 
     model_dir = _resolve_model_dir(args.model)
     processor = Owl3Processor.from_pretrained(model_dir)
-    images, videos, prompt = _gather_media(args)
+    images, videos, prompt = gather_media(args)
     messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": ""}]
     if args.system is not None:
         messages.insert(0, {"role": "system", "content": args.system})
@@ -169,7 +172,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             generated.append(int(step[0]))
             yield generated[-1]
 
-    for piece in stream_text(processor, counted(), set(processor.eos_token_ids)):
+    for piece in stream_text(processor.decode, counted(), set(processor.eos_token_ids)):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
@@ -178,7 +181,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _gather_media(args: argparse.Namespace) -> tuple[list, list, str]:
+def gather_media(args: argparse.Namespace) -> tuple[list, list, str]:
     """Images or video frames from the flags, and the prompt with placeholders for them."""
     from owl3.media import load_video_frames
 
@@ -202,28 +205,11 @@ def _gather_media(args: argparse.Namespace) -> tuple[list, list, str]:
     return images, videos, prompt
 
 
-def stream_text(processor, token_ids: Iterator[int], stop: set[int]) -> Iterator[str]:
-    """Turn a token stream into text pieces, holding back incomplete UTF-8 sequences."""
-    ids: list[int] = []
-    shown = ""
-    for token in token_ids:
-        if token in stop:
-            break
-        ids.append(token)
-        text = processor.decode(ids)
-        if text.endswith("\ufffd"):
-            continue  # a multi-byte character split across tokens: wait for the rest
-        if text.startswith(shown):
-            piece, shown = text[len(shown) :], text
-            if piece:
-                yield piece
-
-
 def _note(message: str) -> None:
     print(f"owl3-export: {message}", file=sys.stderr)
 
 
-COMMANDS = {"generate": cmd_generate, "info": cmd_info}
+COMMANDS = {"generate": cmd_generate, "info": cmd_info, "run": cmd_run}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

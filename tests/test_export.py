@@ -11,14 +11,14 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from owl3.export import onnx_export, pipeline
-from owl3.export.pipeline import SCHEMA, export_model
-from owl3.export.specs import GRAPH_NAMES, graph_specs
 
 from owl3.artifacts import ArtifactError, read_manifest, verify_files
 from owl3.checkpoint import random_state_dict, save_checkpoint
 from owl3.config import Owl3Config
 from owl3.errors import GateFailure, ResourceError, TokenizerError, UsageError
+from owl3.export import onnx_export, pipeline
+from owl3.export.pipeline import export_model
+from owl3.export.specs import GRAPH_NAMES, SCHEMA, graph_specs
 from owl3.model.safetensors_files import discover_checkpoint
 from owl3.tokenizer import build_demo_tokenizer, write_tokenizer
 
@@ -70,7 +70,8 @@ def test_zero_past_and_zero_visual_length_run_without_nan(demo_export_fp32: Path
     for batch, seq, visible in ((1, 5, 0), (2, 3, 0), (1, 1, 0)):
         feeds = {"input_ids": np.ones((batch, seq), np.int64), "position_ids": np.tile(np.arange(seq), (batch, 1))}
         feeds["visible_images"] = np.full((batch, seq), visible, np.int64)
-        for t in spec.inputs[3:]:
+        feeds["logit_positions"] = np.tile(np.arange(seq), (batch, 1))
+        for t in spec.inputs[4:]:
             feeds[t.name] = np.zeros((batch, nkv, 0, hd), np.float32)
         logits = session.run(["logits"], feeds)[0]
         assert logits.shape == (batch, seq, config.text.vocab_size) and np.isfinite(logits).all()
@@ -109,8 +110,9 @@ def loud_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_fp16_export_survives_high_magnitude_activations(loud_checkpoint: Path, tmp_path: Path) -> None:
-    from owl3.export.verify import verify_export
     from safetensors.torch import load_file
+
+    from owl3.export.verify import verify_export
 
     table = load_file(str(loud_checkpoint / "model.safetensors"))["language_model.model.embed_tokens.weight"]
     assert float(table.abs().max()) ** 2 > 65504  # x^2 in RMSNorm would overflow fp16

@@ -86,8 +86,14 @@ class Owl3ForCausalLM(nn.Module):
         past_key_values: Sequence[KVPair] | None = None,
         visual_memory: VisualMemory | None = None,
         visible_images: Tensor | None = None,
+        logit_positions: Tensor | None = None,
     ) -> tuple[Tensor, list[KVPair]]:
-        """input_ids, position_ids [B, L]; visible_images [B, L] long -> (logits [B, L, V] fp32, present)."""
+        """input_ids, position_ids [B, L]; visible_images [B, L] long -> (logits [B, L, V] fp32, present).
+
+        ``logit_positions`` [B, K] (long) projects only those positions onto the vocabulary (logits
+        [B, K, V]): generation needs the last one, and the full projection of a long prompt costs
+        L x V x H multiply-adds and L x V floats.
+        """
         text: TextConfig = self.config.text
         x = self.model.embed_tokens(input_ids)
         b, length, _ = x.shape
@@ -100,6 +106,8 @@ class Owl3ForCausalLM(nn.Module):
             past = past_key_values[i] if past_key_values else None
             x, kv = layer(x, rope, mask, past, visual_by_layer.get(i), visible_images)
             present.append(kv)
+        if logit_positions is not None:
+            x = torch.gather(x, 1, logit_positions[..., None].expand(-1, -1, x.shape[-1]))
         logits = F.linear(self.model.norm(x), self.output_weight())
         return logits.float(), present
 

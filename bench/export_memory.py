@@ -1,0 +1,132 @@
+"""Peak RSS and time of exporting large random Owl3 checkpoints on this machine (prints a table, writes JSON).
+
+    python bench/export_memory.py --preset 1b-class-unverified            # Qwen2-0.5B-sized decoder + SigLIP-400m
+    python bench/export_memory.py --preset 7b-240728 --no-validate        # needs ~35 GB of free disk
+
+A random checkpoint of the preset is written shard by shard (bf16 or fp32), then `owl3-export --precision P` runs
+in a child process that reports its own peak resident memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from owl3.config import Owl3Config
+from owl3.model.weights import count_parameters, table_entries
+from owl3.tokenizer import build_demo_tokenizer, write_tokenizer
+
+CHILD = (
+    "import resource, sys\n"
+    "from owl3.cli import main\n"
+    "code = main(sys.argv[1:])\n"
+    "print('PEAK_RSS_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)\n"
+    "sys.exit(code)\n"
+)
+
+
+def write_random_checkpoint(config: Owl3Config, out: Path, dtype: torch.dtype, shard_bytes: int = 2 << 30) -> None:
+    """Random weights in the real sharded layout, one tensor at a time (never the whole model in RAM)."""
+    out.mkdir(parents=True)
+    generator = torch.Generator().manual_seed(0)
+    shard: dict[str, torch.Tensor] = {}
+    weight_map: dict[str, str] = {}
+    names: list[list[str]] = [[]]
+    size = total = 0
+
+    def flush() -> None:
+        nonlocal shard, size
+        if shard:
+            save_file(shard, str(out / f"part-{len(names) - 1}.safetensors"), {"format": "pt"})
+            shard, size = {}, 0
+            names.append([])
+
+    for name, shape, kind in table_entries(config, "required"):
+        tensor = (torch.randn(shape, generator=generator) * 0.02 + (1.0 if kind == "norm" else 0.0)).to(dtype)
+        if size and size + tensor.nbytes > shard_bytes:
+            flush()
+        shard[name] = tensor
+        names[-1].append(name)
+        size += tensor.nbytes
+        total += tensor.nbytes
+    flush()
+    count = len(names) - 1
+    for index, group in enumerate(names[:count]):
+        final = f"model-{index + 1:05d}-of-{count:05d}.safetensors"
+        (out / f"part-{index}.safetensors").rename(out / final)
+        weight_map.update(dict.fromkeys(group, final))
+    index_json = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index_json))
+    (out / "config.json").write_text(json.dumps(config.to_hf_dict()))
+    write_tokenizer(build_demo_tokenizer(1024), out)
+
+
+def run_export(checkpoint: Path, output: Path, precision: str, validate: bool) -> dict[str, float]:
+    args = ["--precision", precision, "--model", str(checkpoint), "--output", str(output)]
+    if not validate:
+        args.append("--no-validate")
+    started = time.perf_counter()
+    done = subprocess.run([sys.executable, "-c", CHILD, *args], capture_output=True, text=True)
+    seconds = time.perf_counter() - started
+    if done.returncode != 0:
+        raise SystemExit(f"export failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    peak_kb = next(int(line.split()[1]) for line in done.stderr.splitlines() if line.startswith("PEAK_RSS_KB"))
+    written = sum(p.stat().st_size for p in output.iterdir())
+    return {
+        "seconds": round(seconds, 1),
+        "peak_rss_gib": round(peak_kb / 2**20, 2),
+        "written_gib": round(written / 2**30, 2),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="1b-class-unverified")
+    parser.add_argument("--precision", default="fp16", choices=("fp32", "fp16"))
+    parser.add_argument("--checkpoint-dtype", default="bfloat16", choices=("bfloat16", "float32"))
+    parser.add_argument("--no-validate", action="store_true")
+    parser.add_argument("--workdir", type=Path, default=None)
+    parser.add_argument("--json", type=Path, default=Path("bench-results/export_memory.json"))
+    args = parser.parse_args()
+    config = Owl3Config.preset(args.preset)
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="owl3-bench-"))
+    checkpoint = workdir / "checkpoint"
+    started = time.perf_counter()
+    write_random_checkpoint(config, checkpoint, getattr(torch, args.checkpoint_dtype))
+    ckpt_bytes = sum(p.stat().st_size for p in checkpoint.iterdir())
+    elapsed = time.perf_counter() - started
+    print(f"wrote a random {args.preset} checkpoint: {ckpt_bytes / 2**30:.2f} GiB in {elapsed:.0f} s")
+    rows = []
+    for validate in [False] if args.no_validate else [False, True]:
+        result = run_export(checkpoint, workdir / f"export-{'v' if validate else 'nv'}", args.precision, validate)
+        rows.append({"validate": validate, **result})
+    record = {
+        "preset": args.preset,
+        "parameters": count_parameters(config),
+        "checkpoint_dtype": args.checkpoint_dtype,
+        "checkpoint_gib": round(ckpt_bytes / 2**30, 2),
+        "precision": args.precision,
+        "runs": rows,
+    }
+    header = ("preset", "params", "ckpt GiB", "prec", "validate", "peak RSS GiB", "out GiB", "s")
+    print("\n{:22} {:>8} {:>9} {:>5} {:>9} {:>13} {:>8} {:>6}".format(*header))
+    for row in rows:
+        print(
+            f"{args.preset:22} {record['parameters'] / 1e9:7.2f}B {record['checkpoint_gib']:9.2f} {args.precision:>5} "
+            f"{row['validate']!s:>9} {row['peak_rss_gib']:13.2f} {row['written_gib']:8.2f} {row['seconds']:6.0f}"
+        )
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(record, indent=2))
+    print(f"\nwrote {args.json}; working files in {workdir}")
+
+
+if __name__ == "__main__":
+    main()
