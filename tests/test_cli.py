@@ -83,3 +83,17 @@ def test_empty_image_file_is_rejected(fresh_home: Path, tmp_path: Path, capsys) 
 def test_bad_usage_exits_2(capsys) -> None:
     assert main(["generate", "--dtype", "int3"]) == 2
     assert "invalid choice" in capsys.readouterr().err
+
+
+def test_precision_runs_the_export_pipeline_then_run_answers_from_it(fresh_home: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "export"
+    assert main(["--precision", "fp32", "--output", str(out), "--no-validate"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.strip() == str(out) and "exported decoder.onnx" in captured.err
+    assert (out / "manifest.json").is_file()
+    assert main(["--precision", "fp32", "--output", str(out), "--no-validate"]) == 2  # never overwrites silently
+    assert "pass --force" in capsys.readouterr().err
+    assert main(["run", "--export", str(out), "--prompt", "Hello", "--max-new-tokens", "3"]) == 0
+    assert "time to first token" in capsys.readouterr().err
+    assert main(["run", "--export", str(tmp_path / "missing")]) == 3
+    assert "expected an owl3-export artifact" in capsys.readouterr().err
