@@ -16,33 +16,17 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 import torch
-from PIL import Image
 
-from owl3.demo import demo_image
 from owl3.export.specs import past_key, past_value, visual_key, visual_value
 from owl3.model.attention import fp32_islands
 from owl3.model.weights import load_model
 from owl3.processor import Owl3Processor
 from owl3.validate.compare import compare_distributions, compare_tensors
 from owl3.validate.gates import GATES
+from owl3.validate.probes import validation_cases
 
 _TORCH = {"fp32": torch.float32, "fp16": torch.float16}
 _NUMPY = {"fp32": np.float32, "fp16": np.float16}
-
-
-def validation_cases(processor: Owl3Processor) -> dict[str, dict[str, Any]]:
-    """Processor outputs (numpy) for: text only, one cut image, three uncut images."""
-    pictures = [demo_image(), demo_image(200, 320).rotate(90, expand=True), Image.new("RGB", (64, 64), (30, 160, 60))]
-
-    def ask(text: str, images: list | None, cut: bool) -> dict[str, Any]:
-        messages = [{"role": "user", "content": text}, {"role": "assistant", "content": ""}]
-        return dict(processor(messages, images=images, cut_enable=cut, return_tensors="np"))
-
-    return {
-        "text": ask("Describe a red circle next to a blue square.", None, True),
-        "one_image": ask("<|image|>\nWhat shape is on the left?", pictures[:1], True),
-        "three_images": ask("<|image|><|image|><|image|>\nWhich image shows a green square?", pictures, False),
-    }
 
 
 class _Graphs:

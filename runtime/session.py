@@ -272,6 +272,25 @@ class Owl3Session:
         )  # fmt: skip
         return self._steps(request, {} if timings is None else timings, started)
 
+    def trace(
+        self, input_ids: np.ndarray, pixel_values: np.ndarray | None = None, media_offset: np.ndarray | None = None
+    ) -> dict[str, np.ndarray]:
+        """A teacher-forced prefill over the whole sequence, returning every graph output by name:
+        ``logits`` [B, L, V] at every position, ``present_key_i`` / ``present_value_i`` per layer, the visual
+        memory ``visual_key_j`` / ``visual_value_j`` and ``image_embeds`` (when there are images). For
+        validation: it is what two backends are compared on, output by output and layer by layer."""
+        request = self.requests.prepare(input_ids, pixel_values, media_offset, max_new_tokens=1)
+        placement, ids = request.placement, request.input_ids
+        used = int((placement.starts + placement.counts).max()) if placement.max_images else 0
+        embeds = self._encode(request.pixel_values[:used]) if request.pixel_values is not None and used else None
+        visual = self._memory(embeds, placement, keep_on_device=False)
+        positions = np.tile(np.arange(ids.shape[1], dtype=np.int64), (ids.shape[0], 1))
+        out = self._decode(ids, positions, placement.seen, None, visual, logit_positions=positions)
+        out = {name: np.asarray(value) for name, value in out.items()}
+        if embeds is not None:
+            out.update({"image_embeds": embeds, **{name: np.asarray(v) for name, v in visual.items()}})
+        return out
+
     def generate_ids(self, input_ids: np.ndarray, *args: Any, **kwargs: Any) -> np.ndarray:
         """All new tokens [B, K] (K <= max_new_tokens), like ``Owl3Model.generate``; see ``stream_ids``."""
         steps = list(self.stream_ids(input_ids, *args, **kwargs))
@@ -331,20 +350,23 @@ class Owl3Session:
         visible: np.ndarray,
         previous: Mapping[str, Any] | None,
         visual: Mapping[str, Any],
+        logit_positions: np.ndarray | None = None,
     ) -> dict[str, Any]:
-        """One decoder run. ``previous``: the last run's outputs (their present K/V become the past)."""
+        """One decoder run. ``previous``: the last run's outputs (their present K/V become the past);
+        ``logit_positions``: the positions to project onto the vocabulary (default: the last one)."""
         if previous is None:
             text = self.config.text
             empty = np.zeros((ids.shape[0], text.num_key_value_heads, 0, text.head_dim), self._float)
             past = {name: empty for name, _ in self._past_pairs}
         else:
             past = {name: previous[present] for name, present in self._past_pairs}
-        last = np.full((ids.shape[0], 1), ids.shape[1] - 1, dtype=np.int64)  # logits of the last position only
+        if logit_positions is None:  # generation needs the last position only
+            logit_positions = np.full((ids.shape[0], 1), ids.shape[1] - 1, dtype=np.int64)
         feeds = {
             "input_ids": np.ascontiguousarray(ids),
             "position_ids": np.ascontiguousarray(positions),
             "visible_images": np.ascontiguousarray(visible, dtype=np.int64),
-            "logit_positions": last,
+            "logit_positions": np.ascontiguousarray(logit_positions, dtype=np.int64),
             **past,
             **visual,
         }
