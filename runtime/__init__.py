@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 _LAZY = {
     "GenerationResult": "owl3.runtime.session",
     "Owl3Session": "owl3.runtime.session",
-    "read_export": "owl3.runtime.session",
+    "read_export": "owl3.runtime.manifest",
     "RequestLimits": "owl3.runtime.request",
     "SamplingConfig": "owl3.runtime.sampling",
     "stream_text": "owl3.runtime.sampling",
@@ -25,9 +25,10 @@ _LAZY = {
 
 if TYPE_CHECKING:
     from owl3.runtime.backend import PROVIDER_CHOICES, check_model_versions, resolve_providers
+    from owl3.runtime.manifest import read_export
     from owl3.runtime.request import RequestLimits
     from owl3.runtime.sampling import SamplingConfig, stream_text
-    from owl3.runtime.session import GenerationResult, Owl3Session, read_export
+    from owl3.runtime.session import GenerationResult, Owl3Session
 
 
 def __getattr__(name: str) -> Any:

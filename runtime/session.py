@@ -22,12 +22,10 @@ from typing import Any
 
 import numpy as np
 
-from owl3.artifacts import ArtifactError, read_manifest, verify_files
+from owl3.artifacts import ArtifactError
 from owl3.config import Owl3Config
-from owl3.errors import PromptError, UsageError
+from owl3.errors import PromptError
 from owl3.export.specs import (
-    SCHEMA,
-    SCHEMA_VERSION,
     float_dtype,
     graph_specs,
     past_key,
@@ -38,11 +36,10 @@ from owl3.export.specs import (
 from owl3.placement import ImagePlacement, parse_media_offset
 from owl3.processor import DEFAULT_MAX_IMAGES, Owl3Processor
 from owl3.runtime.backend import OrtBackend, load_backend
+from owl3.runtime.manifest import read_export, same_signature
 from owl3.runtime.request import Request, RequestChecker, RequestLimits
 from owl3.runtime.sampling import next_tokens, stream_text
 
-VERIFY_MODES = ("full", "size")
-REQUIRED_KEYS = ("precision", "opset", "ir_version", "config", "graphs", "tokens", "files")
 VISION_CHUNK = 8  # images per vision run: bounds the activation memory of the vision graph
 
 
@@ -58,53 +55,6 @@ class GenerationResult:
     prompt_tokens: int
     finish_reason: str
     timings: dict[str, float] = field(default_factory=dict)
-
-
-def read_export(directory: Path, verify: str = "full", *, allow_rejected: bool = False) -> dict[str, Any]:
-    """The verified manifest of an ONNX export: schema and version, then every file's size (and sha256).
-
-    An export whose accuracy validation failed (``"status": "rejected"``) is refused unless ``allow_rejected``.
-    """
-    if verify not in VERIFY_MODES:
-        raise UsageError(f"verify must be one of {list(VERIFY_MODES)}, found {verify!r}", where="Owl3Session")
-    manifest = read_manifest(directory, schema=SCHEMA)
-    if manifest.get("schema_version") != SCHEMA_VERSION:
-        raise ArtifactError(
-            f"expected export schema_version {SCHEMA_VERSION}, found {manifest.get('schema_version')!r}",
-            where=str(directory / "manifest.json"),
-            fix="export again with this version of owl3-export, or use the owl3-export that wrote it",
-        )
-    missing = [key for key in REQUIRED_KEYS if key not in manifest]
-    if missing:
-        raise ArtifactError(
-            f"manifest.json lacks {missing}",
-            where=str(directory / "manifest.json"),
-            fix="export again with this version of owl3-export",
-        )
-    if manifest.get("status") == "rejected" and not allow_rejected:
-        raise ArtifactError(
-            "the export failed its accuracy validation and is marked rejected",
-            where=str(directory / "manifest.json"),
-            fix="read the manifest's validation section and export again (allow_rejected=True loads it anyway)",
-        )
-    listed = manifest.get("files", {})
-    for graph in manifest.get("graphs", {}).values():
-        data = f"{graph['file']}.data"  # external data, when the graph has any
-        needed = [graph["file"], data] if (directory / data).exists() else [graph["file"]]
-        unlisted = [name for name in needed if name not in listed]
-        if unlisted:
-            raise ArtifactError(
-                f"graph files {unlisted} are not recorded in the manifest, so they cannot be verified",
-                where=str(directory / "manifest.json"),
-                fix="export again",
-            )
-    verify_files(directory, manifest, hashes=verify == "full")
-    return manifest
-
-
-def _same_signature(entry: Any, expected: dict[str, Any]) -> bool:
-    """A manifest graph entry holds the spec's file, inputs and outputs (other keys are informational)."""
-    return isinstance(entry, dict) and all(entry.get(key) == value for key, value in expected.items())
 
 
 class Owl3Session:
@@ -145,7 +95,7 @@ class Owl3Session:
         self._specs = graph_specs(self.config, self.precision)
         self._float = np.dtype(float_dtype(self.precision))
         graphs = self.manifest.get("graphs", {})
-        wrong = [name for name, spec in self._specs.items() if not _same_signature(graphs.get(name), spec.signature())]
+        wrong = [name for name, spec in self._specs.items() if not same_signature(graphs.get(name), spec.signature())]
         if wrong or set(graphs) != set(self._specs):
             raise ArtifactError(
                 f"graphs {wrong or sorted(graphs)} differ from what this runtime expects for the config",
