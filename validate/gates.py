@@ -20,6 +20,7 @@ class Gate:
     finite: bool = True  # no NaN / Inf in the candidate
     max_kl_mean: float | None = None  # L2
     min_top1: float | None = None  # L2
+    task_margin: float | None = None  # L3 non-inferiority margin, as a fraction (0.005 = 0.5 points)
 
     def check_tensor(self, result: TensorComparison, *, is_logits: bool) -> list[str]:
         failures = []
@@ -45,5 +46,10 @@ class Gate:
 
 GATES = {
     "onnx-fp32": Gate("ONNX fp32 (ONNX Runtime CPU) vs PyTorch fp32", max_abs=1e-4, min_top1=1.0),
-    "onnx-fp16": Gate("fp16 export vs PyTorch fp16", min_cosine=0.9999, max_kl_mean=1e-3, min_top1=0.99),
+    "onnx-fp16": Gate("fp16 export vs PyTorch", min_cosine=0.9999, max_kl_mean=1e-3, min_top1=0.99, task_margin=0.005),
 }
+
+
+def gate_for(kind: str, precision: str) -> Gate | None:
+    """The gate of a candidate backend (``onnx``, ``fp16`` -> "onnx-fp16"); None: reported, not gated."""
+    return GATES.get(f"{kind}-{precision}")
