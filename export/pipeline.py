@@ -8,16 +8,14 @@ keeps the artifact, marks it ``"status": "rejected"`` and raises GateFailure (ex
 
 from __future__ import annotations
 
-import platform
 import shutil
 import time
 from collections.abc import Callable
 from datetime import datetime, timezone
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from owl3.artifacts import check_free_disk, file_record, staged_output, write_manifest
+from owl3.artifacts import check_free_disk, file_record, staged_output, tool_versions, write_manifest
 from owl3.config import Owl3Config
 from owl3.errors import GateFailure, ResourceError, UsageError
 from owl3.export.onnx_export import CheckpointReader, export_graph
@@ -127,13 +125,3 @@ def _validate(staging: Path, model_dir: Path, precision: str, say: Progress) -> 
 def _source_record(model_dir: Path) -> dict[str, Any]:
     files = {p.name: file_record(p) for p in sorted(model_dir.iterdir()) if p.is_file() and p.suffix != ".py"}
     return {"path": str(model_dir.resolve()), "files": files}
-
-
-def tool_versions() -> dict[str, str | None]:
-    versions: dict[str, str | None] = {"python": platform.python_version()}
-    for package in ("owl3-export", "torch", "onnx", "onnxscript", "onnx-ir", "onnxruntime", "onnxruntime-gpu"):
-        try:
-            versions[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            versions[package] = None
-    return versions

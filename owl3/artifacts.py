@@ -13,11 +13,13 @@ import errno
 import hashlib
 import json
 import os
+import platform
 import shutil
 import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -183,3 +185,13 @@ def verify_files(directory: Path, manifest: dict[str, Any], *, hashes: bool = Tr
             where=str(directory),
             fix="the directory was modified or copied incompletely: export again",
         )
+
+
+def tool_versions() -> dict[str, str | None]:
+    versions: dict[str, str | None] = {"python": platform.python_version()}
+    for package in ("owl3-export", "torch", "onnx", "onnxscript", "onnx-ir", "onnxruntime", "onnxruntime-gpu"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = None
+    return versions

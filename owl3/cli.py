@@ -10,6 +10,7 @@ from pathlib import Path
 
 from owl3.errors import InvalidInputError, Owl3Error
 from owl3.runtime.cli import add_run_parser, cmd_run
+from owl3.validate.cli import add_validate_parser, cmd_validate
 
 PIPELINE = """\
 pipeline (each step writes a directory with a manifest):
@@ -20,6 +21,7 @@ available in this version:
              export ONNX graphs (vision, visual memory, decoder with KV cache), validate them against
              PyTorch and write a verified export directory (quantize and engine build come later)
   run        answer a prompt from an export directory with the torch-free runtime (ONNX Runtime)
+  validate   compare backends at every level (tensors, next-token, tasks) and write drift reports
   generate   run the PyTorch reference model on a prompt with images or a video, streaming the answer
   info       check a checkpoint strictly and print its configuration and parameter count
 
@@ -48,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     pipeline.add_argument("--no-validate", action="store_true", help="skip the comparison with PyTorch")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     add_run_parser(commands)
+    add_validate_parser(commands)
     _add_generate(commands)
     info = commands.add_parser("info", help="check a checkpoint and print its configuration")
     _add_model_options(info)
@@ -209,7 +212,7 @@ def _note(message: str) -> None:
     print(f"owl3-export: {message}", file=sys.stderr)
 
 
-COMMANDS = {"generate": cmd_generate, "info": cmd_info, "run": cmd_run}
+COMMANDS = {"generate": cmd_generate, "info": cmd_info, "run": cmd_run, "validate": cmd_validate}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

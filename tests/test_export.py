@@ -16,7 +16,7 @@ from owl3.artifacts import ArtifactError, read_manifest, verify_files
 from owl3.checkpoint import random_state_dict, save_checkpoint
 from owl3.config import Owl3Config
 from owl3.errors import GateFailure, ResourceError, TokenizerError, UsageError
-from owl3.export import onnx_export, pipeline
+from owl3.export import onnx_export
 from owl3.export.pipeline import export_model
 from owl3.export.specs import GRAPH_NAMES, SCHEMA, graph_specs
 from owl3.model.safetensors_files import discover_checkpoint
@@ -209,4 +209,6 @@ def test_source_hashes_identify_the_checkpoint(demo_export_fp32: Path, demo_mode
 
     files = _manifest(demo_export_fp32)["source"]["files"]
     assert files["model.safetensors"]["sha256"] == sha256_file(demo_model_dir / "model.safetensors")
-    assert pipeline.tool_versions()["onnx"] == onnx.__version__
+    from owl3.artifacts import tool_versions
+
+    assert tool_versions()["onnx"] == onnx.__version__

@@ -46,6 +46,7 @@ class PyTorchBackend:
             raise UsageError(
                 f"unknown PyTorch precision {precision!r}", where="backend spec", fix=f"use {list(dtypes)}"
             )
+        self.model_dir = Path(model_dir)
         self.model = load_model(model_dir, dtype=dtypes[precision])
         self.precision = precision
         self.name = f"pytorch-{precision}"

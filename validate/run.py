@@ -1,0 +1,114 @@
+"""``run_validation``: open the backends, load the benchmark subsets, validate, write the reports.
+
+The result is a stage artifact (``manifest.json`` written last, schema ``owl3-export/validation``): one
+drift report per candidate in ``<output>/<candidate>/`` and an ``index.md`` with every verdict.
+Predictions accumulate in ``<output>.partial/`` beside it while the run is going, so an interrupted run
+resumes where it stopped; it is removed once the artifact is in place. A rejected candidate keeps every
+file, marks the artifact ``"status": "rejected"`` and raises GateFailure (exit 6).
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from owl3.artifacts import refuse_overwrite, staged_output, tool_versions, write_manifest
+from owl3.errors import GateFailure, UsageError
+from owl3.processor import Owl3Processor
+from owl3.validate.backends import Backend, open_backend
+from owl3.validate.benchmarks import BENCHMARKS, load_benchmark, subset
+from owl3.validate.report import write_report
+from owl3.validate.validator import BenchmarkRun, validate
+
+SCHEMA = "owl3-export/validation"
+MAX_NEW_TOKENS = {"vqav2": 10, "pope": 10, "mmbench": 10, "nextqa": 10, "mvbench": 10}  # short answers
+
+
+def parse_benchmark(spec: str) -> tuple[str, Path]:
+    """``NAME:ROOT`` (a benchmark of owl3.validate.benchmarks and the directory holding its files)."""
+    name, _, root = spec.partition(":")
+    if name not in BENCHMARKS or not root:
+        raise UsageError(
+            f"bad benchmark {spec!r}",
+            where="--benchmark",
+            fix=f"use NAME:DIR with NAME one of {sorted(BENCHMARKS)}",
+        )
+    return name, Path(root)
+
+
+def load_runs(specs: Sequence[str], *, limit: int | None, seed: int) -> list[BenchmarkRun]:
+    runs = []
+    for spec in specs:
+        name, root = parse_benchmark(spec)
+        items, task = load_benchmark(name, root, seed=seed)
+        runs.append(BenchmarkRun(name, subset(items, limit, seed), task, MAX_NEW_TOKENS.get(name, 32)))
+    return runs
+
+
+def processor_for(backend: Backend) -> Owl3Processor:
+    """The model's own processor, from the reference's checkpoint or export directory."""
+    session = getattr(backend, "session", None)
+    if session is not None:
+        return session.processor
+    return Owl3Processor.from_pretrained(backend.model_dir)
+
+
+def write_reports(directory: Path, reports: dict[str, dict[str, Any]]) -> list[str]:
+    """One report directory per candidate and an index; returns the failures of every candidate."""
+    lines = ["# Drift reports", "", "| candidate | reference | verdict | failures |", "|---|---|---|---|"]
+    failures = []
+    for name, report in reports.items():
+        write_report(report, directory / name)
+        header = report["header"]
+        failures += [f"{name}: {f}" for f in header["failures"]]
+        reference = header["arms"]["reference"]["name"]
+        lines.append(
+            f"| [{name}]({name}/report.html) | {reference} | {header['verdict']} | {len(header['failures'])} |"
+        )
+    (directory / "index.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return failures
+
+
+def run_validation(
+    reference_spec: str,
+    candidate_specs: Sequence[str],
+    benchmark_specs: Sequence[str],
+    output: Path,
+    *,
+    limit: int | None = 200,
+    seed: int = 0,
+    force: bool = False,
+    progress: Callable[[str], None] | None = None,
+    extra_runs: Sequence[BenchmarkRun] = (),
+) -> dict[str, dict[str, Any]]:
+    """Validate candidates against the reference on the benchmarks; write the artifact to ``output``."""
+    if not candidate_specs:
+        raise UsageError("no candidate to validate", where="--candidate", fix="pass at least one --candidate")
+    output = Path(output)
+    refuse_overwrite(output, force=force)
+    runs = [*load_runs(benchmark_specs, limit=limit, seed=seed), *extra_runs]
+    reference = open_backend(reference_spec)
+    candidates = [open_backend(spec) for spec in candidate_specs]
+    partial = output.with_name(f".{output.name}.partial")
+    reports = validate(
+        reference, candidates, processor_for(reference), runs, partial,
+        model_name=str(reference_spec.split(":", 1)[1]), tool_versions=tool_versions(), progress=progress,
+    )  # fmt: skip
+    with staged_output(output, force=force) as staging:
+        failures = write_reports(staging, reports)
+        write_manifest(staging, {
+            "schema": SCHEMA, "schema_version": 1, "status": "rejected" if failures else "ok",
+            "reference": reference_spec, "candidates": list(candidate_specs),
+            "benchmarks": [run.name for run in runs], "limit": limit, "seed": seed,
+            "verdicts": {name: r["header"]["verdict"] for name, r in reports.items()},
+        })  # fmt: skip
+    shutil.rmtree(partial, ignore_errors=True)
+    if failures:
+        raise GateFailure(
+            f"{len(failures)} gates failed: " + "; ".join(failures[:4]),
+            where=str(output / "index.md"),
+            fix="read the drift reports; the artifact is kept and marked rejected",
+        )
+    return reports
