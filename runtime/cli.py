@@ -25,21 +25,26 @@ def add_run_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentP
     run.add_argument("--provider", choices=PROVIDER_CHOICES, default="auto", help="ONNX Runtime execution provider")
     run.add_argument("--verify", choices=("full", "size"), default="full", help="check files by sha256 or size")
     run.add_argument("--threads", type=int, default=None, help="CPU threads per graph run (default: ORT's)")
-    run.add_argument("--prompt", default=None, help="user message; <|image|> / <|video|> mark where media go")
-    run.add_argument("--system", default=None, help="system message (default: empty, as the official template)")
-    media = run.add_mutually_exclusive_group()
+    add_prompt_options(run)
+    return run
+
+
+def add_prompt_options(parser: argparse.ArgumentParser) -> None:
+    """The prompt, media and decoding flags shared by ``run`` (ONNX) and ``generate`` (PyTorch)."""
+    parser.add_argument("--prompt", default=None, help="user message; <|image|> / <|video|> mark where media go")
+    parser.add_argument("--system", default=None, help="system message (default: empty, as the official template)")
+    media = parser.add_mutually_exclusive_group()
     media.add_argument("--image", type=Path, action="append", default=[], help="image file (repeatable)")
     media.add_argument("--video", type=Path, help="video file (needs PyAV) or a directory of frame images")
-    run.add_argument("--frames", type=int, default=None, help="video: sample this many frames (eval 'middle' rule)")
-    run.add_argument("--no-cut", action="store_true", help="images: one global view each, no crops")
-    run.add_argument("--max-new-tokens", type=int, default=100)
-    run.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
-    run.add_argument("--temperature", type=float, default=1.0)
-    run.add_argument("--top-k", type=int, default=0)
-    run.add_argument("--top-p", type=float, default=1.0)
-    run.add_argument("--repetition-penalty", type=float, default=1.0)
-    run.add_argument("--seed", type=int, default=None, help="seed for sampling")
-    return run
+    parser.add_argument("--frames", type=int, default=None, help="video: sample this many frames (eval 'middle' rule)")
+    parser.add_argument("--no-cut", action="store_true", help="images: one global view each, no crops")
+    parser.add_argument("--max-new-tokens", type=int, default=100)
+    parser.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--repetition-penalty", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=None, help="seed for sampling")
 
 
 def cmd_run(args: argparse.Namespace) -> int:

@@ -25,9 +25,7 @@ REPLACEMENT_CHARACTER = "\ufffd"  # what a byte-level BPE decode gives for a spl
 @dataclass(frozen=True)
 class SamplingConfig:
     """How the next token is chosen. ``do_sample=False`` is greedy (argmax, ties to the lowest id).
-
-    Same fields, defaults and validation messages as ``owl3.model.generation.SamplingConfig``.
-    """
+    The one definition: the PyTorch reference (owl3.model.generation) uses it too."""
 
     do_sample: bool = False
     temperature: float = 1.0

@@ -8,42 +8,12 @@ Sampling follows the transformers order: repetition penalty, then temperature, t
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from owl3.errors import PromptError, UsageError
-
-
-@dataclass(frozen=True)
-class SamplingConfig:
-    """How the next token is chosen. ``do_sample=False`` is greedy (argmax, ties to the lowest id)."""
-
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    repetition_penalty: float = 1.0
-    seed: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.temperature <= 0:
-            raise UsageError(
-                f"temperature must be > 0, found {self.temperature}",
-                where="sampling",
-                fix="use do_sample=False for greedy decoding",
-            )
-        if self.top_k < 0:
-            raise UsageError(f"top_k must be >= 0, found {self.top_k}", where="sampling", fix="0 disables it")
-        if not 0 < self.top_p <= 1:
-            raise UsageError(f"top_p must be in (0, 1], found {self.top_p}", where="sampling", fix="1 disables it")
-        if self.repetition_penalty <= 0:
-            raise UsageError(
-                f"repetition_penalty must be > 0, found {self.repetition_penalty}",
-                where="sampling",
-                fix="1.0 disables it",
-            )
+from owl3.runtime.sampling import SamplingConfig  # one definition for both backends (torch-free)
 
 
 def apply_repetition_penalty(scores: Tensor, history: Tensor, penalty: float) -> Tensor:
