@@ -9,7 +9,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from owl3.errors import InvalidInputError, Owl3Error
-from owl3.runtime.cli import add_run_parser, cmd_run
+from owl3.runtime.cli import add_prompt_options, add_run_parser, cmd_run
 from owl3.validate.cli import add_validate_parser, cmd_validate
 
 PIPELINE = """\
@@ -48,6 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
     pipeline.add_argument("--output", type=Path, help="export directory (default: exports/<model>-<precision>)")
     pipeline.add_argument("--force", action="store_true", help="replace an existing export directory of ours")
     pipeline.add_argument("--no-validate", action="store_true", help="skip the comparison with PyTorch")
+    pipeline.add_argument(
+        "--benchmark", action="append", default=[], help="NAME:DIR benchmark subset for the drift report (repeatable)"
+    )
+    pipeline.add_argument("--limit", type=int, default=100, help="scoring units per benchmark in the drift report")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     add_run_parser(commands)
     add_validate_parser(commands)
@@ -69,20 +73,7 @@ def _add_generate(commands: argparse._SubParsersAction) -> None:
         description="Answer a prompt about images or a video with the PyTorch reference model.",
     )
     _add_model_options(gen)
-    gen.add_argument("--prompt", default=None, help="user message; <|image|> / <|video|> mark where media go")
-    gen.add_argument("--system", default=None, help="system message (default: empty, as the official template)")
-    media = gen.add_mutually_exclusive_group()
-    media.add_argument("--image", type=Path, action="append", default=[], help="image file (repeatable)")
-    media.add_argument("--video", type=Path, help="video file (needs PyAV) or a directory of frame images")
-    gen.add_argument("--frames", type=int, default=None, help="video: sample this many frames (eval 'middle' rule)")
-    gen.add_argument("--no-cut", action="store_true", help="images: one global view each, no crops")
-    gen.add_argument("--max-new-tokens", type=int, default=100)
-    gen.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
-    gen.add_argument("--temperature", type=float, default=1.0)
-    gen.add_argument("--top-k", type=int, default=0)
-    gen.add_argument("--top-p", type=float, default=1.0)
-    gen.add_argument("--repetition-penalty", type=float, default=1.0)
-    gen.add_argument("--seed", type=int, default=None, help="seed for sampling")
+    add_prompt_options(gen)
 
 
 def _resolve_model_dir(path: Path | None) -> Path:
@@ -107,12 +98,24 @@ def _torch_dtype(name: str):
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    """export -> validate: the export directory, then a drift report directory beside it."""
     from owl3.export.pipeline import export_model
 
     model_dir = _resolve_model_dir(args.pipeline_model)
     output = args.output or Path("exports") / f"{model_dir.resolve().name}-{args.precision}"
     started = time.perf_counter()
-    export_model(model_dir, output, args.precision, force=args.force, validate=not args.no_validate, progress=_note)
+    validate = not args.no_validate
+    export_model(model_dir, output, args.precision, force=args.force, validate=validate, progress=_note)
+    if validate:
+        from owl3.validate.run import validate_export
+
+        report = output.with_name(f"{output.name}-report")
+        _note(f"drift report: PyTorch fp32 vs the ONNX export{'s' if args.precision != 'fp32' else ''} -> {report}")
+        validate_export(
+            model_dir, output, args.precision, report, benchmark_specs=args.benchmark,
+            synthetic=args.pipeline_model is None, limit=args.limit, force=args.force, progress=_note,
+        )  # fmt: skip
+        _note(f"report: {report / 'index.md'}")
     _note(f"done in {time.perf_counter() - started:.1f} s; try: owl3-export run --export {output}")
     print(output)
     return 0

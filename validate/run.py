@@ -112,3 +112,37 @@ def run_validation(
             fix="read the drift reports; the artifact is kept and marked rejected",
         )
     return reports
+
+
+def validate_export(
+    model_dir: Path,
+    export_dir: Path,
+    precision: str,
+    output: Path,
+    *,
+    benchmark_specs: Sequence[str] = (),
+    synthetic: bool = False,
+    limit: int | None = 100,
+    force: bool = False,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, dict[str, Any]]:
+    """The pipeline's validation stage: PyTorch fp32 as the reference, the export, and (for a reduced
+    precision) an fp32 ONNX export as a second candidate, exported to a temporary directory here."""
+    import tempfile
+
+    from owl3.export.pipeline import export_model
+
+    candidates = [f"onnx:{export_dir}"]
+    with tempfile.TemporaryDirectory(prefix=".owl3-baseline-", dir=Path(output).parent) as scratch:
+        if precision != "fp32":
+            baseline = export_model(model_dir, Path(scratch) / "fp32", "fp32", validate=False, progress=progress)
+            candidates.insert(0, f"onnx:{baseline}")
+        runs = []
+        if synthetic:
+            from owl3.validate.synthetic_runs import synthetic_runs
+
+            runs = synthetic_runs(Path(scratch) / "synthetic", limit=limit)
+        return run_validation(
+            f"pytorch:{model_dir}:fp32", candidates, benchmark_specs, output,
+            limit=limit, force=force, progress=progress, extra_runs=runs,
+        )  # fmt: skip
