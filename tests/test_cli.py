@@ -30,7 +30,7 @@ def test_no_command_prints_help_and_exits_2(capsys: pytest.CaptureFixture[str]) 
 def test_generate_on_a_fresh_machine_builds_the_demo_model(fresh_home: Path, capsys) -> None:
     assert main(["generate", "--max-new-tokens", "5"]) == 0
     captured = capsys.readouterr()
-    assert (fresh_home / "owl3-demo-random-v1" / "model.safetensors").is_file()
+    assert (fresh_home / "owl3-demo-random-v2" / "model.safetensors").is_file()
     assert "built-in demo picture" in captured.err and "tokens in" in captured.err
     assert "images/crops/frames" in captured.err
     # Deterministic: the same answer again, from the cached model.

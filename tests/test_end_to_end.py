@@ -62,7 +62,8 @@ def test_video_frames_generate_end_to_end(demo, tmp_path: Path) -> None:
     model, processor = demo
     frames = [Image.new("RGB", (64, 48), (i * 60, 100, 255 - i * 60)) for i in range(4)]
     inputs = processor(_messages("<|video|>\nWhat changes?"), videos=[frames])
-    assert inputs["pixel_values"].shape == (4, 3, 56, 56)
+    size = model.config.vision.image_size
+    assert inputs["pixel_values"].shape == (4, 3, size, size)
     tokens = model.generate(
         inputs["input_ids"],
         pixel_values=inputs["pixel_values"],
