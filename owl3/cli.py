@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     pipeline.add_argument(
         "--benchmark", action="append", default=[], help="NAME:DIR benchmark subset for the drift report (repeatable)"
     )
-    pipeline.add_argument("--limit", type=int, default=100, help="scoring units per benchmark in the drift report")
+    pipeline.add_argument("--limit", type=int, default=40, help="scoring units per benchmark in the drift report")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     add_run_parser(commands)
     add_validate_parser(commands)
