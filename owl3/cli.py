@@ -9,7 +9,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from owl3.errors import InvalidInputError, Owl3Error
-from owl3.runtime.cli import add_prompt_options, add_run_parser, cmd_run
+from owl3.runtime.cli import add_prompt_options, add_run_parser, cmd_run, decoding_options
 from owl3.validate.cli import add_validate_parser, cmd_validate
 
 PIPELINE = """\
@@ -162,14 +162,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         inputs["input_ids"],
         pixel_values=inputs["pixel_values"],
         media_offset=inputs["media_offset"],
-        max_new_tokens=args.max_new_tokens,
         eos_token_id=list(processor.eos_token_ids),
-        do_sample=args.do_sample,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        repetition_penalty=args.repetition_penalty,
-        seed=args.seed,
+        **decoding_options(args),
     )
     generated: list[int] = []
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -151,11 +152,12 @@ def demo_corpus() -> list[str]:
     return lines
 
 
-def build_demo_tokenizer(vocab_size: int = 512) -> Tokenizer:
+def build_demo_tokenizer(vocab_size: int = 512, corpus: Iterable[str] | None = None) -> Tokenizer:
     """A deterministic Qwen2-style byte-level BPE tokenizer with at most ``vocab_size`` ids in total.
 
     The 256 byte symbols, the learned merges and the four ``SPECIAL_TOKENS`` (appended last) all count
     toward ``vocab_size``, so a model whose embedding has ``vocab_size`` rows can hold every id.
+    ``corpus``: the training text (default: ``demo_corpus()``).
     """
     floor = _BYTE_ALPHABET + len(SPECIAL_TOKENS)
     if vocab_size < floor:
@@ -181,7 +183,7 @@ def build_demo_tokenizer(vocab_size: int = 512) -> Tokenizer:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         special_tokens=[],
     )
-    tokenizer.train_from_iterator(demo_corpus(), trainer=trainer)
+    tokenizer.train_from_iterator(demo_corpus() if corpus is None else corpus, trainer=trainer)
     tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
     return tokenizer
 

@@ -47,6 +47,12 @@ def add_prompt_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=None, help="seed for sampling")
 
 
+def decoding_options(args: argparse.Namespace) -> dict[str, object]:
+    """The decoding keyword arguments of ``add_prompt_options``' flags (same names in both backends)."""
+    names = ("max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "repetition_penalty", "seed")
+    return {name: getattr(args, name) for name in names}
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     """Load the export, gather the media, stream the answer to stdout and the timings to stderr."""
     from owl3.cli import gather_media  # torch-free; imported here because owl3.cli imports this module
@@ -65,13 +71,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         videos=videos or None,
         cut_enable=not args.no_cut,
         timings=timings,
-        max_new_tokens=args.max_new_tokens,
-        do_sample=args.do_sample,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        repetition_penalty=args.repetition_penalty,
-        seed=args.seed,
+        **decoding_options(args),
     )
     for piece in pieces:
         sys.stdout.write(piece)

@@ -35,15 +35,14 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
-from tokenizers.trainers import BpeTrainer
+from tokenizers import Tokenizer
 
 from owl3 import synthetic as syn
 from owl3.checkpoint import random_state_dict, save_checkpoint
 from owl3.demo import DEMO_VOCAB, demo_config
 from owl3.model.owl3 import Owl3Model
 from owl3.processor import CUT_ANCHORS, Owl3Processor, cut_prompt
-from owl3.tokenizer import QWEN2_SPLIT_PATTERN, SPECIAL_TOKENS, token_id, write_tokenizer
+from owl3.tokenizer import build_demo_tokenizer, token_id, write_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "owl3" / "demo_model"
@@ -87,27 +86,8 @@ def corpus(seed: int) -> list[str]:
 
 
 def build_tokenizer(seed: int, vocab_size: int = DEMO_VOCAB) -> Tokenizer:
-    """Qwen2-style byte-level BPE (as owl3.tokenizer.build_demo_tokenizer) trained on ``corpus(seed)``."""
-    tokenizer = Tokenizer(models.BPE(unk_token=None, fuse_unk=False, byte_fallback=False))
-    tokenizer.normalizer = normalizers.NFC()
-    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Split(Regex(QWEN2_SPLIT_PATTERN), behavior="isolated", invert=False),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False),
-        ]
-    )
-    tokenizer.decoder = decoders.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)
-    tokenizer.post_processor = processors.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)
-    trainer = BpeTrainer(
-        vocab_size=vocab_size - len(SPECIAL_TOKENS),
-        min_frequency=2,
-        show_progress=False,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        special_tokens=[],
-    )
-    tokenizer.train_from_iterator(corpus(seed), trainer=trainer)
-    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
-    return tokenizer
+    """Qwen2-style byte-level BPE (owl3.tokenizer.build_demo_tokenizer) trained on ``corpus(seed)``."""
+    return build_demo_tokenizer(vocab_size, corpus=corpus(seed))
 
 
 # ---- training data ------------------------------------------------------------------------------------
