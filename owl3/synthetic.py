@@ -16,8 +16,10 @@ category              question (one of several phrasings)         answer
                       or a yes/no form)                           yes / no
 ``which_image``       Which image shows a red circle?             Image 2
                       (2-4 images, exactly one matches)
-``describe``          Describe this image.                        There are 2 shapes:
-                                                                  a red circle and ...
+``describe``          Describe this image.                        There are 2 shapes: a
+                                                                  red circle at the top
+                                                                  left and ...
+``where``             Where is the red circle?                    top left
 ====================  ==========================================  ===================
 
 Randomness: every item draws from ``item_rng(seed, stream, index)``. Training uses seeds below
@@ -72,7 +74,7 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 }
 SHAPES = ("circle", "square", "triangle")
 SINGLE_IMAGE_CATEGORIES = ("colour", "shape", "count", "relation")
-CATEGORIES = (*SINGLE_IMAGE_CATEGORIES, "which_image", "describe")
+CATEGORIES = (*SINGLE_IMAGE_CATEGORIES, "which_image", "describe", "where")  # the last two: free-form chat
 IMAGE_SIZE = 64
 GRID = 4  # cells per side (16 px at 64 px: one vision patch); one shape per cell
 
@@ -201,7 +203,7 @@ def askable(scene: Scene, category: str) -> bool:
         return any(len(scene.by_kind(k)) == 1 for k in SHAPES)
     if category == "relation":
         return len(scene.shapes) >= 2
-    return category in ("shape", "count", "describe")
+    return category in ("shape", "count", "describe", "where")
 
 
 def ask(rng: np.random.Generator, scene: Scene, category: str, *, multiple_choice: bool = False) -> Question:
@@ -228,6 +230,9 @@ def ask(rng: np.random.Generator, scene: Scene, category: str, *, multiple_choic
         return _relation(rng, scene, multiple_choice)
     if category == "describe":
         return Question(_pick(rng, ("Describe this image.", "Describe the image.")), describe(scene), category)
+    if category == "where":
+        shape = scene.shapes[int(rng.integers(len(scene.shapes)))]
+        return Question(f"Where is the {shape.name}?", quadrant(shape), category)
     raise UsageError(f"unknown category {category!r}", where="synthetic.ask", fix=f"use one of {CATEGORIES}")
 
 
@@ -259,9 +264,14 @@ def _pick(rng: np.random.Generator, choices: Sequence[str]) -> str:
     return choices[int(rng.integers(len(choices)))]
 
 
+def quadrant(shape: Shape) -> str:
+    """Where a shape sits: "top left", "top right", "bottom left" or "bottom right" (exact on the 4 x 4 grid)."""
+    return f"{'top' if shape.row < GRID / 2 else 'bottom'} {'left' if shape.col < GRID / 2 else 'right'}"
+
+
 def describe(scene: Scene) -> str:
-    """A short description, shapes read left to right, then top to bottom."""
-    names = [f"a {s.name}" for s in sorted(scene.shapes, key=lambda s: (s.col, s.row))]
+    """A short description, shapes read left to right, then top to bottom, each with its quadrant."""
+    names = [f"a {s.name} at the {quadrant(s)}" for s in sorted(scene.shapes, key=lambda s: (s.col, s.row))]
     if len(names) == 1:
         return f"There is {names[0]}."
     listed = ", ".join(names[:-1]) + " and " + names[-1]

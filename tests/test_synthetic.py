@@ -110,6 +110,16 @@ def _check_answer(scene: syn.Scene, question: syn.Question) -> None:
     elif question.category == "describe":
         assert sorted(_named(question.answer)) == sorted((s.colour, s.kind) for s in shapes)
         assert str(len(shapes)) in question.answer or len(shapes) == 1
+        for (colour, kind), where in zip(
+            _named(question.answer), re.findall(r" at the (\w+ \w+)", question.answer), strict=True
+        ):
+            assert where == syn.quadrant(next(s for s in shapes if (s.colour, s.kind) == (colour, kind)))
+    elif question.category == "where":
+        ((colour, kind),) = _named(text)
+        shape = next(s for s in shapes if (s.colour, s.kind) == (colour, kind))
+        vertical, horizontal = question.answer.split()
+        assert vertical == ("top" if shape.cy < syn.IMAGE_SIZE / 2 else "bottom")
+        assert horizontal == ("left" if shape.cx < syn.IMAGE_SIZE / 2 else "right")
     if question.options:
         assert question.answer in question.options and len(set(question.options)) == len(question.options)
 
@@ -119,7 +129,7 @@ def test_every_question_type_is_answerable_from_its_scene() -> None:
     for index in range(300):
         rng = syn.item_rng(11, 0, index)
         scene = syn.random_scene(rng)
-        for category in (*syn.SINGLE_IMAGE_CATEGORIES, "describe"):
+        for category in (*syn.SINGLE_IMAGE_CATEGORIES, "describe", "where"):
             if syn.askable(scene, category):
                 for multiple_choice in (False, True):
                     question = syn.ask(rng, scene, category, multiple_choice=multiple_choice)
@@ -132,7 +142,7 @@ def test_every_question_type_is_answerable_from_its_scene() -> None:
         ((colour, kind),) = _named(question.text)
         holders = [i + 1 for i, s in enumerate(scenes) if s.has(colour, kind)]
         assert [f"Image {i}" for i in holders] == [question.answer]
-    assert {c for c, _ in seen} == {*syn.SINGLE_IMAGE_CATEGORIES, "describe"} and ("relation", True) in seen
+    assert {c for c, _ in seen} == {*syn.SINGLE_IMAGE_CATEGORIES, "describe", "where"} and ("relation", True) in seen
 
 
 def test_prompts_follow_the_official_templates() -> None:
@@ -255,10 +265,14 @@ def test_heldout_seeds_are_disjoint_from_training_seeds(tmp_path: Path) -> None:
             writer(tmp_path / writer.__name__, 2, syn.TRAIN_SEED)
     script = _script()
     assert script.Settings().seed == syn.TRAIN_SEED
+    pool = [
+        (scene, syn.jpeg_bytes(scene.render()))
+        for scene in (syn.random_scene(syn.item_rng(0, 12, i)) for i in range(40))
+    ]
     training = {
         image
         for step in range(3)
-        for sample in script.training_batch(script.Settings(), step, [])
+        for sample in script.training_batch(script.Settings(), step, pool)
         for image in sample.images
     }
     root = syn.write_vqa_benchmark(tmp_path / "vqa", 40)
@@ -273,16 +287,33 @@ def test_heldout_seeds_are_disjoint_from_training_seeds(tmp_path: Path) -> None:
 def test_training_script_runs_end_to_end(tmp_path: Path) -> None:
     out = tmp_path / "model"
     result = subprocess.run(
-        [sys.executable, str(SCRIPT), "--steps", "3", "--eval-size", "4", "--out", str(out)],
+        [sys.executable, str(SCRIPT), "--steps", "3", "--vision-steps", "2", "--eval-limit", "4", "--out", str(out)],
         cwd=REPO,
         capture_output=True,
         text=True,
         timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "step     3/3" in result.stdout and "vqa" in result.stdout
+    assert "step     3/3" in result.stdout and "synthetic-vqa" in result.stdout
     from owl3 import load_model
 
     model = load_model(out)
     assert model.config.vision.image_size == 64
     assert {p.name for p in out.iterdir()} >= {"config.json", "model.safetensors", "tokenizer.json", "TRAINING.md"}
+    assert "| synthetic-mc |" in (out / "TRAINING.md").read_text(encoding="utf-8")
+
+
+def test_patch_labels_follow_each_shape_into_the_cut_views() -> None:
+    """The vision stage's labels: a shape in grid cell (row, col) labels one patch of the global view and
+    2 x 2 patches of the crop that holds it (a 2 x 2 cut doubles every cell); all other patches are empty."""
+    script = _script()
+    scene = syn.Scene(64, 64, (230, 230, 230), (syn.Shape("square", "blue", 1, 2, 40.0, 24.0, 5.0, (35, 75, 215)),))
+    content, rows, cols = script.patch_labels(scene, 2, 2)
+    label = 1 + list(syn.COLOURS).index("blue") * 3 + syn.SHAPES.index("square")
+    assert content.shape == (5, 16)
+    assert np.flatnonzero(content[4]).tolist() == [1 * 4 + 2] and content[4, 6] == label
+    crop = content[1].reshape(4, 4)  # row 0 of crops, column 1: grid rows 0-1, columns 2-3
+    assert np.argwhere(crop).tolist() == [[2, 0], [2, 1], [3, 0], [3, 1]] and (crop[crop > 0] == label).all()
+    assert not content[[0, 2, 3]].any()
+    assert rows[4].tolist() == [r for r in range(4) for _ in range(4)] and cols[4].tolist() == [0, 1, 2, 3] * 4
+    assert (rows[:4] == -100).all() and (cols[:4] == -100).all()

@@ -82,7 +82,7 @@ def load_distractors(root: Path, questions_limit: int | None = None) -> list[Ite
 
 
 def synthetic_runs(
-    directory: Path, *, limit: int | None = None, seed: int = 0, distractor_questions: int = DISTRACTOR_QUESTIONS
+    directory: Path, *, limit: int | None = None, seed: int = 0, distractor_questions: int | None = DISTRACTOR_QUESTIONS
 ) -> list[BenchmarkRun]:
     """VQA-style, MMBench-style and distractor runs over the synthetic data in ``directory``."""
     root = ensure_synthetic_data(directory)
