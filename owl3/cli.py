@@ -25,8 +25,9 @@ available in this version:
   generate   run the PyTorch reference model on a prompt with images or a video, streaming the answer
   info       check a checkpoint strictly and print its configuration and parameter count
 
-With no --model, commands use a small seeded default model (random weights, real layout and tokenizer),
-built on first use without any download, so every command works on a fresh machine.
+With no --model, commands use the small default model shipped in the package (the real architecture,
+trained on a synthetic shapes task; owl3/demo_model/TRAINING.md), so every command works on a fresh
+machine without any download.
 
 exit codes: 0 ok, 2 usage, 3 invalid input, 4 environment, 5 resources, 6 accuracy gate, 130 interrupted
 """
@@ -85,10 +86,14 @@ def _resolve_model_dir(path: Path | None) -> Path:
                 fix="pass a Hugging Face checkpoint directory (config.json, safetensors, tokenizer.json)",
             )
         return path
-    from owl3.demo import default_model_dir
+    from owl3.demo import default_model_dir, packaged_model_dir
 
-    _note("no --model given: using the built-in demo model (random weights, real architecture)")
-    return default_model_dir()
+    model_dir = default_model_dir()
+    if model_dir == packaged_model_dir():
+        _note("no --model given: using the built-in demo model (trained on synthetic shapes, real architecture)")
+    else:
+        _note("no --model given: using a seeded random demo model (the package ships no trained one)")
+    return model_dir
 
 
 def _torch_dtype(name: str):
@@ -97,12 +102,19 @@ def _torch_dtype(name: str):
     return getattr(torch, name)
 
 
+def _model_name(model_dir: Path) -> str:
+    """The directory's name; the packaged demo model (``owl3/demo_model``) goes by its model name."""
+    from owl3.demo import DEMO_NAME, packaged_model_dir
+
+    return DEMO_NAME if model_dir.resolve() == packaged_model_dir() else model_dir.resolve().name
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     """export -> validate: the export directory, then a drift report directory beside it."""
     from owl3.export.pipeline import export_model
 
     model_dir = _resolve_model_dir(args.pipeline_model)
-    output = args.output or Path("exports") / f"{model_dir.resolve().name}-{args.precision}"
+    output = args.output or Path("exports") / f"{_model_name(model_dir)}-{args.precision}"
     started = time.perf_counter()
     validate = not args.no_validate
     export_model(model_dir, output, args.precision, force=args.force, validate=validate, progress=_note)

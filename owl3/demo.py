@@ -20,13 +20,12 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import numpy as np
 from PIL import Image
 
 from owl3.config import Owl3Config, TextConfig, VisionConfig
 
 DEMO_NAME = "owl3-demo-shapes-v1"
-RANDOM_NAME = "owl3-demo-random-v2"  # the cache directory of the random fallback (v2: the 64 px config)
+RANDOM_NAME = "owl3-demo-random-v3"  # the cache directory of the random fallback (v3: 3 vision layers)
 DEMO_SEED = 0  # the training seed (owl3.synthetic.TRAIN_SEED)
 DEMO_VOCAB = 512
 
@@ -47,7 +46,7 @@ def demo_config() -> Owl3Config:
         vision=VisionConfig(
             hidden_size=96,
             intermediate_size=256,
-            num_hidden_layers=4,
+            num_hidden_layers=3,
             num_attention_heads=4,
             image_size=64,
             patch_size=16,
@@ -113,15 +112,16 @@ def _write_random_model(directory: Path) -> None:
     write_tokenizer(tokenizer, directory)
 
 
-def demo_image(width: int = 320, height: int = 200) -> Image.Image:
-    """A deterministic picture (a red disc and a blue square on a sky gradient) for the demo command."""
-    y, x = np.mgrid[0:height, 0:width]
-    pixels = np.zeros((height, width, 3), dtype=np.uint8)
-    pixels[..., 0] = 150 + (x * 60 // width)
-    pixels[..., 1] = 190 + (y * 50 // height)
-    pixels[..., 2] = 235
-    disc = (x - width * 0.3) ** 2 + (y - height * 0.5) ** 2 < (height * 0.25) ** 2
-    pixels[disc] = (220, 30, 30)
-    square = (abs(x - width * 0.72) < height * 0.18) & (abs(y - height * 0.5) < height * 0.18)
-    pixels[square] = (30, 60, 200)
-    return Image.fromarray(pixels, mode="RGB")
+def demo_image(width: int = 192, height: int | None = None) -> Image.Image:
+    """The picture the demo command asks about: a fixed scene of the synthetic task (``owl3.synthetic``),
+    a red circle at the top left, a yellow triangle at the bottom left and a blue square at the bottom right."""
+    from owl3.synthetic import COLOURS, GRID, Scene, Shape
+
+    height = height or width
+
+    def shape(kind: str, colour: str, row: int, col: int) -> Shape:
+        cx, cy = width * (2 * col + 1) / (2 * GRID), height * (2 * row + 1) / (2 * GRID)
+        return Shape(kind, colour, row, col, cx, cy, min(width, height) * 0.085, COLOURS[colour])
+
+    shapes = (shape("circle", "red", 0, 0), shape("triangle", "yellow", 3, 1), shape("square", "blue", 2, 3))
+    return Scene(width, height, (228, 228, 228), shapes).render()

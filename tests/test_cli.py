@@ -8,6 +8,7 @@ import pytest
 from PIL import Image
 
 from owl3.cli import main
+from owl3.demo import demo_image
 
 
 @pytest.fixture
@@ -27,11 +28,38 @@ def test_no_command_prints_help_and_exits_2(capsys: pytest.CaptureFixture[str]) 
     assert "usage: owl3-export" in capsys.readouterr().out
 
 
-def test_generate_on_a_fresh_machine_builds_the_demo_model(fresh_home: Path, capsys) -> None:
+def test_generate_on_a_fresh_machine_answers_with_the_packaged_model(fresh_home: Path, tmp_path: Path, capsys) -> None:
+    """The default model is the trained one shipped in the package: nothing is built, and it answers
+    questions about the built-in picture (a fixed scene of its synthetic task: a red circle, a yellow
+    triangle, a blue square) as the scene says."""
+    assert main(["generate", "--max-new-tokens", "60"]) == 0
+    captured = capsys.readouterr()
+    assert not fresh_home.exists()
+    assert "built-in demo picture" in captured.err and "tokens in" in captured.err
+    assert captured.out.startswith("There are 3 shapes: a red circle at the top left")
+    picture = tmp_path / "demo.png"
+    demo_image().save(picture)
+    for question, answer in [
+        ("How many shapes are there?", "3"),
+        ("What colour is the circle?", "red"),
+        ("What shape is the yellow object?", "triangle"),
+        ("What shape is the blue object?", "square"),
+        ("What colour is the triangle?", "yellow"),
+    ]:
+        prompt = f"<|image|>{question} Answer the question using a single word or phrase."
+        assert main(["generate", "--image", str(picture), "--prompt", prompt, "--max-new-tokens", "8"]) == 0
+        assert capsys.readouterr().out.strip() == answer, question
+
+
+def test_without_a_packaged_model_a_seeded_random_one_is_built_once(
+    fresh_home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    from owl3 import demo
+
+    monkeypatch.setattr(demo, "packaged_model_dir", lambda: tmp_path / "not-shipped")
     assert main(["generate", "--max-new-tokens", "5"]) == 0
     captured = capsys.readouterr()
-    assert (fresh_home / "owl3-demo-random-v2" / "model.safetensors").is_file()
-    assert "built-in demo picture" in captured.err and "tokens in" in captured.err
+    assert (fresh_home / demo.RANDOM_NAME / "model.safetensors").is_file()
     assert "images/crops/frames" in captured.err
     # Deterministic: the same answer again, from the cached model.
     assert main(["generate", "--max-new-tokens", "5"]) == 0
