@@ -474,15 +474,14 @@ def evaluate(model_dir: Path, limit: int | None, which: int, log=print) -> dict:
                 {"model": backend}, run.items, processor, Path(tmp) / run.name, max_new_tokens=run.max_new_tokens
             )
             scores = unit_scores(run.task, run.items, predictions["model"], excluded)
-            per: dict[str, list[float]] = defaultdict(list)
+            by_category: dict[str, dict[str, float]] = defaultdict(dict)  # each unit once (MMBench: 2-4 items)
             for item in run.items:
                 if item.unit in scores:
-                    per[item.category].append(scores[item.unit])
-            per = {k: [sum(v) / len(v)] for k, v in per.items()}  # by category (units may repeat across items)
+                    by_category[item.category][item.unit] = scores[item.unit]
             results[run.name] = {
                 "overall": sum(scores.values()) / max(len(scores), 1),
                 "units": len(scores),
-                "per_category": {k: v[0] for k, v in sorted(per.items())},
+                "per_category": {k: sum(v.values()) / len(v) for k, v in sorted(by_category.items())},
             }
             parts = "  ".join(f"{k} {v:.3f}" for k, v in results[run.name]["per_category"].items())
             log(f"{run.name:24s} {results[run.name]['overall']:.3f} (n={len(scores)})  {parts}")
