@@ -23,6 +23,7 @@ from pathlib import Path
 from PIL import Image
 
 from owl3.config import Owl3Config, TextConfig, VisionConfig
+from owl3.synthetic import COLOURS, GRID, Scene, Shape
 
 DEMO_NAME = "owl3-demo-shapes-v1"
 RANDOM_NAME = "owl3-demo-random-v3"  # the cache directory of the random fallback (v3: 3 vision layers)
@@ -115,8 +116,6 @@ def _write_random_model(directory: Path) -> None:
 def demo_image(width: int = 192, height: int | None = None) -> Image.Image:
     """The picture the demo command asks about: a fixed scene of the synthetic task (``owl3.synthetic``),
     a red circle at the top left, a yellow triangle at the bottom left and a blue square at the bottom right."""
-    from owl3.synthetic import COLOURS, GRID, Scene, Shape
-
     height = height or width
 
     def shape(kind: str, colour: str, row: int, col: int) -> Shape:

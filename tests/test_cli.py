@@ -113,13 +113,16 @@ def test_bad_usage_exits_2(capsys) -> None:
     assert "invalid choice" in capsys.readouterr().err
 
 
-def test_precision_runs_the_export_pipeline_then_run_answers_from_it(fresh_home: Path, tmp_path: Path, capsys) -> None:
-    out = tmp_path / "export"
-    assert main(["--precision", "fp32", "--output", str(out), "--no-validate"]) == 0
+def test_precision_runs_the_export_pipeline_then_run_answers_from_it(
+    fresh_home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    monkeypatch.chdir(tmp_path)  # the default output: exports/<model name>-<precision>
+    out = Path("exports") / "owl3-demo-shapes-v1-fp32"
+    assert main(["--precision", "fp32", "--no-validate"]) == 0
     captured = capsys.readouterr()
     assert captured.out.strip() == str(out) and "exported decoder.onnx" in captured.err
     assert (out / "manifest.json").is_file()
-    assert main(["--precision", "fp32", "--output", str(out), "--no-validate"]) == 2  # never overwrites silently
+    assert main(["--precision", "fp32", "--no-validate"]) == 2  # never overwrites silently
     assert "pass --force" in capsys.readouterr().err
     assert main(["run", "--export", str(out), "--prompt", "Hello", "--max-new-tokens", "3"]) == 0
     assert "time to first token" in capsys.readouterr().err

@@ -10,19 +10,11 @@ from pathlib import Path
 import pytest
 
 from owl3.errors import UsageError
-from owl3.validate.report import (
-    SCHEMA,
-    fmt_p,
-    fmt_pct,
-    fmt_pts,
-    fmt_sci,
-    layer_series,
-    markdown_table,
-    render_html,
-    render_markdown,
-    validate_report,
-    write_report,
-)
+from owl3.validate.report import validate_report, write_report
+from owl3.validate.report_format import fmt_p, fmt_pct, fmt_pts, fmt_sci
+from owl3.validate.report_html import render_html
+from owl3.validate.report_markdown import markdown_table, render_markdown
+from owl3.validate.report_tables import SCHEMA, Table, layer_series
 from tests.report_fixtures import example_report
 
 PLOTS = ("layers", "kl", "forest", "distractors")
@@ -216,8 +208,6 @@ def test_layer_series_groups_by_trailing_index() -> None:
 
 
 def test_markdown_table_escapes_pipes() -> None:
-    from owl3.validate.report import Table
-
     text = markdown_table(Table(["a", "b"], [["x|y", True], ["z", None]], (1,)))
     assert "x\\|y" in text and "pass" in text and "—" in text
 

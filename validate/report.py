@@ -11,8 +11,7 @@
 
 The work is split by output: ``report_tables`` (the level states and tables both renderers share, with
 ``SCHEMA`` and ``LEVELS``), ``report_format`` (numbers for people), ``report_markdown``, ``report_html`` and
-``report_svg`` (the plots). This module checks the schema and writes the files; every public name of those
-modules is re-exported here, so ``from owl3.validate.report import ...`` keeps working for all of them.
+``report_svg`` (the plots). This module checks the schema and writes the files.
 
 Schema ``owl3.drift-report/1``. Fractions everywhere (0.005 = 0.5 points); reports format them as points::
 
@@ -60,57 +59,9 @@ from pathlib import Path
 from typing import Any
 
 from owl3.errors import UsageError
-from owl3.validate.report_format import fmt_p, fmt_pct, fmt_pts, fmt_sci
-from owl3.validate.report_html import html_table, render_html
-from owl3.validate.report_markdown import markdown_table, render_markdown
-from owl3.validate.report_svg import (
-    AXIS,
-    DASHES,
-    FAIL_COLOUR,
-    GRID,
-    INK,
-    MUTED,
-    PALETTE,
-    PASS_COLOUR,
-    Scale,
-    Svg,
-    plot_distractors,
-    plot_forest,
-    plot_kl,
-    plot_layers,
-)
-from owl3.validate.report_tables import (
-    LEVELS,
-    SCHEMA,
-    Cell,
-    Table,
-    category_table,
-    certify_text,
-    detectable_drop_exceeds,
-    distractor_table,
-    distribution_table,
-    excluded_text,
-    graph_table,
-    kl_decade_table,
-    kl_decades,
-    kl_values,
-    layer_series,
-    level_state,
-    level_status,
-    per_layer_table,
-    task_passed,
-    task_table,
-    tensor_tables,
-)
-
-__all__ = [  # every public name of the module before it was split: the API stays whole
-    "AXIS", "DASHES", "FAIL_COLOUR", "FILES", "GRID", "INK", "LEVELS", "MUTED", "PALETTE", "PASS_COLOUR", "SCHEMA",
-    "Cell", "Scale", "Svg", "Table", "category_table", "certify_text", "detectable_drop_exceeds", "distractor_table",
-    "distribution_table", "excluded_text", "fmt_p", "fmt_pct", "fmt_pts", "fmt_sci", "graph_table", "html_table",
-    "kl_decade_table", "kl_decades", "kl_values", "layer_series", "level_state", "level_status", "markdown_table",
-    "per_layer_table", "plot_distractors", "plot_forest", "plot_kl", "plot_layers", "render_html", "render_markdown",
-    "task_passed", "task_table", "tensor_tables", "validate_report", "write_report",
-]  # fmt: skip
+from owl3.validate.report_html import render_html
+from owl3.validate.report_markdown import render_markdown
+from owl3.validate.report_tables import LEVELS, SCHEMA
 
 FILES = {"json": "report.json", "markdown": "report.md", "html": "report.html"}
 
