@@ -11,7 +11,7 @@ from PIL import Image
 from owl3.processor import Owl3Processor
 from owl3.validate.backends import OnnxBackend, PyTorchBackend, open_backend
 from owl3.validate.items import Item
-from owl3.validate.levels import ProbeRun, run_items, teacher_forced, unit_scores
+from owl3.validate.levels import ProbeRun, run_items, scored_positions, teacher_forced, unit_scores
 from owl3.validate.probes import validation_cases
 
 
@@ -43,6 +43,35 @@ def test_onnx_fp16_drift_is_small_but_measured(probes: ProbeRun, arms) -> None:
     assert all(t.nan == 0 and t.inf == 0 for t in result["tensors"])
     assert min(t.cosine for t in result["tensors"]) > 0.999
     assert 0 < result["distribution"]["images"].kl_mean < 1e-3  # fp16 really differs, within the gate
+
+
+def test_l2_scores_the_whole_forced_sequence_not_just_the_answer(probes: ProbeRun, arms) -> None:
+    """Every position predicting a prompt or answer token counts (image probes: those that see an image),
+    so the trained demo model's short answers still give L2 dozens of positions per probe."""
+    result = probes.compare(arms[0])
+    for forced, positions in probes.probes.values():
+        length = forced["input_ids"].shape[1]
+        if forced.get("pixel_values") is None:
+            assert positions.tolist() == list(range(length - 1))
+        else:
+            sees = forced["media_offset"][0, :, 1] > 0
+            assert positions.tolist() == [t for t in range(length - 1) if sees[t]] and len(positions) >= 20
+    for group in ("text", "images"):
+        expected = sum(
+            len(p) for f, p in probes.probes.values() if (f.get("pixel_values") is not None) == (group == "images")
+        )
+        assert result["distribution"][group].positions == expected
+        assert result["distribution"][group].kl_max == 0.0 and result["distribution"][group].perplexity_ratio == 1.0
+
+
+def test_scored_positions_skip_those_before_the_first_image() -> None:
+    forced = {
+        "input_ids": np.array([[1, 9, 2, 5, 6]]),
+        "media_offset": np.array([[[0, 0], [0, 0], [0, 1], [0, 1], [0, 1]]]),
+        "pixel_values": np.zeros((1, 3, 4, 4), dtype=np.float32),
+    }
+    assert scored_positions(forced).tolist() == [2, 3]
+    assert scored_positions({**forced, "pixel_values": None}).tolist() == [0, 1, 2, 3]
 
 
 def test_teacher_forcing_extends_media_offset_with_all_images_visible() -> None:

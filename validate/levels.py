@@ -2,10 +2,12 @@
 and any number of candidate backends, on identical preprocessed inputs (see validation.md).
 
 L1 and L2 run on the fixed probes (text only, one cut image, three images). L2 is teacher-forced on the
-reference's own greedy continuation: both arms score the same tokens. L3 asks every item of a benchmark
-of every arm with greedy decoding; predictions are appended to a per-arm JSON-lines cache, so an
-interrupted run resumes without redoing finished items. An item whose media cannot be read is excluded
-from every arm and counted with its reason.
+prompt followed by the reference's own greedy continuation: both arms score the same tokens, at every
+position that predicts one (in a probe with images, every position that sees an image), so a model
+with short answers still gives L2 dozens of positions per probe rather than its answer's two. L3 asks
+every item of a benchmark of every arm with greedy decoding; predictions are appended to a per-arm
+JSON-lines cache, so an interrupted run resumes without redoing finished items. An item whose media
+cannot be read is excluded from every arm and counted with its reason.
 """
 
 from __future__ import annotations
@@ -59,6 +61,16 @@ def teacher_forced(inputs: Inputs, continuation: Sequence[int]) -> Inputs:
     }
 
 
+def scored_positions(forced: Inputs) -> np.ndarray:
+    """The positions L2 compares: every one that predicts a following token; with images, only those that
+    see at least one image (``media_offset[..., 1] > 0``), so the image group measures the image paths."""
+    length = forced["input_ids"].shape[1]
+    positions = np.arange(length - 1)
+    if forced.get("pixel_values") is not None:
+        positions = positions[forced["media_offset"][0, : length - 1, 1] > 0]
+    return positions
+
+
 class ProbeRun:
     """The reference's traces and continuations on the probes, computed once for every candidate."""
 
@@ -68,19 +80,19 @@ class ProbeRun:
         for name, inputs in probes.items():
             continuation = reference.generate(inputs, PROBE_NEW_TOKENS)
             forced = teacher_forced(inputs, continuation)
-            self.probes[name] = (forced, inputs["input_ids"].shape[1], continuation)
+            self.probes[name] = (forced, scored_positions(forced))
             self.traces[name] = reference.trace(forced)
 
     def compare(self, candidate: Backend) -> dict[str, Any]:
         """L1 tensor comparisons and L2 distributions (text-only and with-images probes separately)."""
-        traces = {name: candidate.trace(forced) for name, (forced, _, _) in self.probes.items()}
+        traces = {name: candidate.trace(forced) for name, (forced, _) in self.probes.items()}
         tensors = compare_probe_tensors(self.traces, traces)
         groups: dict[str, list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = {"text": [], "images": []}
-        for name, (forced, prompt_len, continuation) in self.probes.items():
-            span = slice(prompt_len - 1, prompt_len - 1 + len(continuation))  # positions predicting it
+        for name, (forced, positions) in self.probes.items():
             group = "images" if forced.get("pixel_values") is not None else "text"
+            targets = forced["input_ids"][0, positions + 1]
             groups[group].append(
-                (self.traces[name]["logits"][0, span], traces[name]["logits"][0, span], np.asarray(continuation))
+                (self.traces[name]["logits"][0, positions], traces[name]["logits"][0, positions], targets)
             )
         distribution, kl_values = {}, {}
         for group, parts in groups.items():
