@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import re
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from owl3.validate.report import validate_report, write_report
 from owl3.validate.report_format import fmt_p, fmt_pct, fmt_pts, fmt_sci
 from owl3.validate.report_html import render_html
 from owl3.validate.report_markdown import markdown_table, render_markdown
+from owl3.validate.report_svg import plot_layers, worst_over_probes
 from owl3.validate.report_tables import SCHEMA, Table, layer_series
 from tests.report_fixtures import example_report
 
@@ -205,6 +207,25 @@ def test_layer_series_groups_by_trailing_index() -> None:
     series = layer_series(entries)
     assert list(series) == ["decoder/present_key", "x"]
     assert [layer for layer, _ in series["decoder/present_key"]] == [2, 10]
+
+
+def test_layer_plot_draws_one_line_per_output_with_the_worst_probe() -> None:
+    def entry(name: str, max_abs: float) -> dict:
+        return {"name": name, "max_abs": max_abs}
+
+    entries = [
+        entry("text/decoder/present_key_0", 1e-6),
+        entry("images/decoder/present_key_0", 3e-6),
+        entry("text/decoder/present_key_1", 5e-6),
+        entry("images/decoder/present_key_1", float("nan")),
+        entry("video/decoder/present_key_1", 1e-3),
+        entry("images/visual_memory/visual_key_0", 2e-6),
+    ]
+    merged = worst_over_probes(layer_series(entries), lambda e: e["max_abs"])
+    assert list(merged) == ["decoder/present_key", "visual_memory/visual_key"]
+    assert merged["decoder/present_key"][0] == (0, 3e-6) and math.isnan(merged["decoder/present_key"][1][1])
+    svg = plot_layers([{**e, "cosine": 1.0} for e in entries], {})
+    assert svg is not None and svg.count("<polyline") == 2 * 2  # two outputs, two panels
 
 
 def test_markdown_table_escapes_pipes() -> None:

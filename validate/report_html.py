@@ -128,7 +128,10 @@ def _html_level(level: str, data: Any, gate: dict[str, Any]) -> str:
         return html_table(graph_table(data), ())
     if level == "tensors":
         summary, per_layer = tensor_tables(data)
-        caption = "Log scales. Each line is one per-layer output series; the dashed line is the gate's cosine limit."
+        caption = (
+            "Log scales. Each line is one per-layer output (key / value caches, visual keys / values), the worst "
+            "of the probes at each layer; the dashed line is the gate's cosine limit; the table has every probe."
+        )
         parts = [_figure(plot_layers(data, gate), caption), html_table(summary)]
         if per_layer:
             summary_text = f"Every layer ({len(per_layer.rows)} rows)"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import html
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -155,13 +156,30 @@ def _legend(svg: Svg, x: float, y: float, items: list[tuple[str, str, str]], max
         cursor += width + 14
 
 
+def worst_over_probes(
+    series: dict[str, list[tuple[int, dict[str, Any]]]], metric: Callable[[dict[str, Any]], float]
+) -> dict[str, list[tuple[int, float]]]:
+    """Per-layer series merged across probes ("text/decoder/present_key" and "images/decoder/present_key"
+    become "decoder/present_key"), keeping the largest ``metric`` at each layer: one line per output kind."""
+    merged: dict[str, dict[int, float]] = {}
+    for name, points in series.items():
+        kind = name.split("/", 1)[-1]
+        for layer, entry in points:
+            value = metric(entry)
+            previous = merged.setdefault(kind, {}).get(layer)
+            if previous is None or math.isnan(value) or (not math.isnan(previous) and value > previous):
+                merged[kind][layer] = value  # a NaN stays: it must show
+    return {kind: sorted(values.items()) for kind, values in merged.items()}
+
+
 def plot_layers(tensors: list[dict[str, Any]], gate: dict[str, Any]) -> str | None:
-    """Two log-scale panels by layer index: max abs error and 1 - cosine, one line per per-layer series."""
+    """Two log-scale panels by layer index: max abs error and 1 - cosine, one line per output kind (the
+    worst of the probes at each layer)."""
     series = layer_series(tensors)
     if not series:
         return None
     svg = Svg(1040, 380, "layers", "Per-layer error of the candidate against the reference")
-    names = list(series)
+    names = list(worst_over_probes(series, lambda e: e["max_abs"]))
     _legend(svg, 90, 20, [(n, PALETTE[i % 7], DASHES[i % 4] or "solid") for i, n in enumerate(names)])
     layers = [layer for points in series.values() for layer, _ in points]
     min_cos = gate.get("min_cosine")
@@ -171,7 +189,7 @@ def plot_layers(tensors: list[dict[str, Any]], gate: dict[str, Any]) -> str | No
     ]
     for p, (label, metric, gate_value) in enumerate(panels):
         left = 90 + p * 520
-        values = {name: [(layer, metric(e)) for layer, e in points] for name, points in series.items()}
+        values = worst_over_probes(series, metric)
         lo, hi = _decades([v for pts in values.values() for _, v in pts], gate_value)
         x = Scale(min(layers) - 0.5, max(layers) + 0.5, left, left + 420)
         y = Scale(lo, hi, 310, 60, log=True)
