@@ -67,7 +67,7 @@ class Sample:
 @dataclass(frozen=True)
 class Settings:
     seed: int = syn.TRAIN_SEED
-    steps: int = 1350
+    steps: int = 1000
     batch: int = 24  # conversations per step
     tokens_per_pass: int = 3000  # micro-batches (gradients accumulate over the step) hold at most this many
     lr: float = 1e-3
