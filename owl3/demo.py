@@ -23,7 +23,7 @@ from pathlib import Path
 from PIL import Image
 
 from owl3.config import Owl3Config, TextConfig, VisionConfig
-from owl3.synthetic import COLOURS, GRID, Scene, Shape
+from owl3.synthetic import COLOURS, Scene, Shape, cell_centre
 
 DEMO_NAME = "owl3-demo-shapes-v1"
 RANDOM_NAME = "owl3-demo-random-v3"  # the cache directory of the random fallback (v3: 3 vision layers)
@@ -119,7 +119,7 @@ def demo_image(width: int = 192, height: int | None = None) -> Image.Image:
     height = height or width
 
     def shape(kind: str, colour: str, row: int, col: int) -> Shape:
-        cx, cy = width * (2 * col + 1) / (2 * GRID), height * (2 * row + 1) / (2 * GRID)
+        cx, cy = cell_centre(row, col, width, height)
         return Shape(kind, colour, row, col, cx, cy, min(width, height) * 0.085, COLOURS[colour])
 
     shapes = (shape("circle", "red", 0, 0), shape("triangle", "yellow", 3, 1), shape("square", "blue", 2, 3))

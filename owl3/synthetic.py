@@ -157,6 +157,11 @@ def item_rng(seed: int, stream: int, index: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence([seed, stream, index]))
 
 
+def cell_centre(row: int, col: int, width: int, height: int) -> tuple[float, float]:
+    """The pixel centre of grid cell (row, col) in a ``width`` x ``height`` image."""
+    return width * (2 * col + 1) / (2 * GRID), height * (2 * row + 1) / (2 * GRID)
+
+
 def random_scene(
     rng: np.random.Generator, width: int = IMAGE_SIZE, height: int | None = None, num_shapes: int | None = None
 ) -> Scene:
@@ -170,8 +175,8 @@ def random_scene(
     for colour, cell in zip(colours, cells, strict=True):
         row, col = divmod(int(cell), GRID)
         half = side * rng.uniform(0.075, 0.095)
-        cx = width * (2 * col + 1) / (2 * GRID) + side * rng.uniform(-0.02, 0.02)
-        cy = height * (2 * row + 1) / (2 * GRID) + side * rng.uniform(-0.02, 0.02)
+        cx, cy = cell_centre(row, col, width, height)
+        cx, cy = cx + side * rng.uniform(-0.02, 0.02), cy + side * rng.uniform(-0.02, 0.02)
         rgb = tuple(int(np.clip(v + rng.integers(-12, 13), 0, 255)) for v in COLOURS[str(colour)])
         kind = str(rng.choice(SHAPES))
         shapes.append(Shape(kind, str(colour), row, col, float(cx), float(cy), float(half), rgb))  # type: ignore[arg-type]

@@ -84,7 +84,9 @@ def load_distractors(root: Path, questions_limit: int | None = None) -> list[Ite
 def synthetic_runs(
     directory: Path, *, limit: int | None = None, seed: int = 0, distractor_questions: int | None = DISTRACTOR_QUESTIONS
 ) -> list[BenchmarkRun]:
-    """VQA-style, MMBench-style and distractor runs over the synthetic data in ``directory``."""
+    """VQA-style, MMBench-style and distractor runs over the synthetic data in ``directory``; ``limit``
+    scoring units per stratified subset, ``distractor_questions`` base distractor questions (each asked
+    at every N; None: all of them)."""
     root = ensure_synthetic_data(directory)
     vqa = subset(load_vqav2(root / "vqa", task_name="synthetic-vqa"), limit, seed)
     mc = subset(load_mmbench(root / "mc", task_name="synthetic-mc"), limit, seed)
