@@ -15,7 +15,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from owl3.artifacts import check_free_disk, file_record, staged_output, tool_versions, write_manifest
+from owl3.artifacts import check_free_disk, source_record, staged_output, tool_versions, write_manifest
 from owl3.config import Owl3Config
 from owl3.errors import GateFailure, ResourceError, UsageError
 from owl3.export.onnx_export import CheckpointReader, export_graph
@@ -85,7 +85,7 @@ def export_model(
                 "eos_token_ids": list(read_eos_token_ids(model_dir, config)),
                 "pad_token_id": 0,
             },
-            "source": _source_record(model_dir),
+            "source": source_record(model_dir),
             "tools": tool_versions(),
             "validation": validation,
         }
@@ -120,8 +120,3 @@ def _validate(staging: Path, model_dir: Path, precision: str, say: Progress) -> 
     verdict = "passed" if result["passed"] else f"FAILED ({len(result['failures'])} checks)"
     say(f"validation {verdict} in {time.perf_counter() - started:.1f} s")
     return result
-
-
-def _source_record(model_dir: Path) -> dict[str, Any]:
-    files = {p.name: file_record(p) for p in sorted(model_dir.iterdir()) if p.is_file() and p.suffix != ".py"}
-    return {"path": str(model_dir.resolve()), "files": files}

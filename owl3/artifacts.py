@@ -46,6 +46,12 @@ def file_record(path: Path) -> dict[str, Any]:
     return {"sha256": sha256_file(path), "size": path.stat().st_size}
 
 
+def source_record(model_dir: Path) -> dict[str, Any]:
+    """The input checkpoint of a stage: its path and the sha256 and size of every file (code files excluded)."""
+    files = {p.name: file_record(p) for p in sorted(Path(model_dir).iterdir()) if p.is_file() and p.suffix != ".py"}
+    return {"path": str(Path(model_dir).resolve()), "files": files}
+
+
 def is_ours(directory: Path) -> bool:
     """True when ``directory`` holds a manifest written by this tool."""
     try:

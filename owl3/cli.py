@@ -9,6 +9,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from owl3.errors import InvalidInputError, Owl3Error
+from owl3.quantize.cli import add_quantize_parser, cmd_quantize
 from owl3.runtime.cli import add_prompt_options, add_run_parser, cmd_run, decoding_options
 from owl3.validate.cli import add_validate_parser, cmd_validate
 
@@ -20,6 +21,8 @@ available in this version:
   owl3-export --precision fp32|fp16 [--model DIR] [--output DIR]
              export ONNX graphs (vision, visual memory, decoder with KV cache), validate them against
              PyTorch and write a verified export directory (quantize and engine build come later)
+  quantize   GPTQ int4 / int8 / W8A8 with image+text calibration, into a GPTQ-format checkpoint
+             (owl3-export quantize --precision int4 [--model DIR] [--calibration SRC] --output DIR)
   run        answer a prompt from an export directory with the torch-free runtime (ONNX Runtime)
   validate   compare backends at every level (tensors, next-token, tasks) and write drift reports
   generate   run the PyTorch reference model on a prompt with images or a video, streaming the answer
@@ -54,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pipeline.add_argument("--limit", type=int, default=40, help="scoring units per benchmark in the drift report")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    add_quantize_parser(commands)
     add_run_parser(commands)
     add_validate_parser(commands)
     _add_generate(commands)
@@ -77,7 +81,8 @@ def _add_generate(commands: argparse._SubParsersAction) -> None:
     add_prompt_options(gen)
 
 
-def _resolve_model_dir(path: Path | None) -> Path:
+def resolve_model_dir(path: Path | None) -> Path:
+    """``--model``, checked to be a directory; without one, the default demo model (with a note)."""
     if path is not None:
         if not path.is_dir():
             raise InvalidInputError(
@@ -102,7 +107,7 @@ def _torch_dtype(name: str):
     return getattr(torch, name)
 
 
-def _model_name(model_dir: Path) -> str:
+def model_name(model_dir: Path) -> str:
     """The directory's name; the packaged demo model (``owl3/demo_model``) goes by its model name."""
     from owl3.demo import DEMO_NAME, packaged_model_dir
 
@@ -113,8 +118,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     """export -> validate: the export directory, then a drift report directory beside it."""
     from owl3.export.pipeline import export_model
 
-    model_dir = _resolve_model_dir(args.pipeline_model)
-    output = args.output or Path("exports") / f"{_model_name(model_dir)}-{args.precision}"
+    model_dir = resolve_model_dir(args.pipeline_model)
+    output = args.output or Path("exports") / f"{model_name(model_dir)}-{args.precision}"
     started = time.perf_counter()
     validate = not args.no_validate
     export_model(model_dir, output, args.precision, force=args.force, validate=validate, progress=_note)
@@ -136,7 +141,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_info(args: argparse.Namespace) -> int:
     from owl3.model.weights import count_parameters, load_model
 
-    model_dir = _resolve_model_dir(args.model)
+    model_dir = resolve_model_dir(args.model)
     model = load_model(model_dir, dtype=_torch_dtype(args.dtype))
     config = model.config
     text, vision = config.text, config.vision
@@ -155,7 +160,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from owl3.processor import Owl3Processor
     from owl3.runtime.sampling import stream_text
 
-    model_dir = _resolve_model_dir(args.model)
+    model_dir = resolve_model_dir(args.model)
     processor = Owl3Processor.from_pretrained(model_dir)
     images, videos, prompt = gather_media(args)
     messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": ""}]
@@ -221,7 +226,13 @@ def _note(message: str) -> None:
     print(f"owl3-export: {message}", file=sys.stderr)
 
 
-COMMANDS = {"generate": cmd_generate, "info": cmd_info, "run": cmd_run, "validate": cmd_validate}
+COMMANDS = {
+    "generate": cmd_generate,
+    "info": cmd_info,
+    "quantize": cmd_quantize,
+    "run": cmd_run,
+    "validate": cmd_validate,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

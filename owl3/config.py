@@ -300,7 +300,7 @@ class Owl3Config:
             if path.is_dir():
                 path = path / "config.json"
             where = str(path)
-            raw = _read_json(path)
+            raw = read_config_json(path)
         return _parse_hf_config(raw, where)
 
     def to_hf_dict(self) -> dict[str, Any]:
@@ -330,7 +330,8 @@ class Owl3Config:
 # ---- parsing helpers ---------------------------------------------------------------------------
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def read_config_json(path: Path) -> dict[str, Any]:
+    """A config.json as a dict; ConfigError when it is missing or not a JSON object."""
     if not path.is_file():
         raise ConfigError(
             "expected a config.json file, found none",

@@ -76,3 +76,27 @@ def demo_export_fp32(tmp_path_factory: pytest.TempPathFactory, demo_model_dir: P
 @pytest.fixture(scope="session")
 def demo_export_fp16(tmp_path_factory: pytest.TempPathFactory, demo_model_dir: Path) -> Path:
     return _export(tmp_path_factory, demo_model_dir, "fp16")
+
+
+def quantize_demo(
+    tmp_path_factory: pytest.TempPathFactory, model_dir: Path, name: str, **recipe_options: object
+) -> Path:
+    """``model_dir`` quantized with recipe ``name`` on 24 built-in calibration samples."""
+    from owl3.quantize import CalibrationConfig, quantize_model, recipe
+
+    text_only = bool(recipe_options.pop("text_only", False))
+    output = tmp_path_factory.mktemp("quantized") / name
+    return quantize_model(
+        model_dir, output, recipe(name, **recipe_options), CalibrationConfig(samples=24, text_only=text_only)
+    )
+
+
+@pytest.fixture(scope="session")
+def demo_int4(tmp_path_factory: pytest.TempPathFactory, demo_model_dir: Path) -> Path:
+    """The demo model as a GPTQ int4 checkpoint (shared by the quantize, loading and validation tests)."""
+    return quantize_demo(tmp_path_factory, demo_model_dir, "int4")
+
+
+@pytest.fixture(scope="session")
+def demo_w8a8(tmp_path_factory: pytest.TempPathFactory, demo_model_dir: Path) -> Path:
+    return quantize_demo(tmp_path_factory, demo_model_dir, "w8a8")

@@ -13,6 +13,7 @@ correct only when every rotated variant is, so items carry ``unit`` (the scored 
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +46,31 @@ class Item:
     def messages(self) -> list[dict[str, str]]:
         """The chat messages both arms are asked (empty system prompt, generation header)."""
         return [{"role": "user", "content": self.prompt}, {"role": "assistant", "content": ""}]
+
+
+def item_key(item: Item) -> str:
+    """An item's identity across runs: ``task:id``."""
+    return f"{item.task}:{item.id}"
+
+
+def id_hash(key: str) -> str:
+    """The hashed form of an item key kept in manifests (calibration sets): 16 hex digits of its sha256."""
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()[:16]
+
+
+def media_hashes(item: Item) -> list[str]:
+    """sha256 of each image / video (file or encoded bytes) an item uses; unreadable ones are left out."""
+    sources = list(item.images) + (list(item.video) if isinstance(item.video, tuple) else [item.video])
+    out = []
+    for source in sources:
+        if source is None:
+            continue
+        try:
+            data = source if isinstance(source, bytes) else Path(source).read_bytes()
+        except OSError:
+            continue
+        out.append(hashlib.sha256(data).hexdigest())
+    return out
 
 
 class Task(Protocol):

@@ -54,12 +54,13 @@ class Owl3TextModel(nn.Module):
         text = config.text
         self.embed_tokens = nn.Embedding(text.vocab_size, text.hidden_size)
         self.layers = nn.ModuleList(
-            Qwen2DecoderLayer(text, _attention_for_layer(config, i)) for i in range(text.num_hidden_layers)
+            Qwen2DecoderLayer(text, attention_for_layer(config, i)) for i in range(text.num_hidden_layers)
         )
         self.norm = Qwen2RMSNorm(text.hidden_size, text.rms_norm_eps)
 
 
-def _attention_for_layer(config: Owl3Config, index: int) -> Qwen2Attention:
+def attention_for_layer(config: Owl3Config, index: int) -> Qwen2Attention:
+    """The attention of decoder layer ``index``: hyper attention where the config says, else Qwen2's."""
     if config.is_hyper(index):
         return HyperAttention(config.text, config.image_tokens)
     return Qwen2Attention(config.text)
@@ -108,8 +109,13 @@ class Owl3ForCausalLM(nn.Module):
             present.append(kv)
         if logit_positions is not None:
             x = torch.gather(x, 1, logit_positions[..., None].expand(-1, -1, x.shape[-1]))
-        logits = F.linear(self.model.norm(x), self.output_weight())
-        return logits.float(), present
+        return self.project(self.model.norm(x)).float(), present
+
+    def project(self, hidden: Tensor) -> Tensor:
+        """Vocabulary logits: ``lm_head`` (a float or quantized Linear), or the tied embedding."""
+        if self.config.text.tie_word_embeddings:
+            return F.linear(hidden, self.model.embed_tokens.weight)
+        return self.lm_head(hidden)
 
 
 def _visual_by_layer(config: Owl3Config, memory: VisualMemory | None) -> dict[int, KVPair]:

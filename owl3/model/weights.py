@@ -165,8 +165,10 @@ FOREIGN_PREFIXES = {
 QUANTIZED_SUFFIXES = (".qweight", ".qzeros", ".scales", ".g_idx")
 
 
-def detect_variant(names: Iterable[str], where: str) -> None:
-    """Refuse layouts of other revisions or architectures before the name-by-name comparison."""
+def detect_variant(names: Iterable[str], where: str, *, quantized: bool = False) -> None:
+    """Refuse layouts of other revisions or architectures before the name-by-name comparison.
+
+    ``quantized``: config.json declares a quantization_config, so GPTQ tensors are expected."""
     names = set(names)
     fused = any(_HYPER_KEY.fullmatch(n) for n in names) and not any(".self_attn.gate_proj." in n for n in names)
     if {"vision2text_model.0.weight", "vision2text_model.2.weight"} & names or fused:
@@ -176,12 +178,13 @@ def detect_variant(names: Iterable[str], where: str) -> None:
             where=where,
             fix=f"owl3-export supports only {SUPPORTED}",
         )
-    quantized = sorted(n for n in names if n.endswith(QUANTIZED_SUFFIXES))
-    if quantized:
+    packed = sorted(n for n in names if n.endswith(QUANTIZED_SUFFIXES))
+    if packed and not quantized:
         raise CheckpointError(
-            f"detected a pre-quantized (GPTQ/AWQ-style) checkpoint: {short_list(quantized, 3)}",
+            f"found GPTQ/AWQ-style tensors ({short_list(packed, 3)}) but config.json has no quantization_config",
             where=where,
-            fix=f"use the original bf16/fp16 weights ({SUPPORTED}); quantize with owl3-export itself",
+            fix="use the config.json written with these weights (owl3-export quantize writes both), "
+            f"or the original bf16/fp16 weights ({SUPPORTED})",
         )
     foreign = sorted({label for n in names for p, label in FOREIGN_PREFIXES.items() if n.startswith(p)})
     if foreign:
@@ -195,22 +198,40 @@ def detect_variant(names: Iterable[str], where: str) -> None:
 def check_against_table(config: Owl3Config, found: Mapping[str, tuple[tuple[int, ...], str]], where: str) -> None:
     """Compare ``{name: (shape, dtype)}`` with the table; raise ONE error listing every mismatch."""
     detect_variant(found, where)
-    required, optional = tensor_table(config), unused_tensor_table(config)
+    required = {name: (shape, FLOAT_DTYPES) for name, shape in tensor_table(config).items()}
+    compare_tensors(required, unused_tensor_table(config), found, where, fix=_mismatch_hint(config, found))
+
+
+def compare_tensors(
+    required: Mapping[str, tuple[tuple[int, ...], frozenset[str]]],
+    optional: Mapping[str, tuple[int, ...]],
+    found: Mapping[str, tuple[tuple[int, ...], str]],
+    where: str,
+    *,
+    fix: str,
+) -> None:
+    """``required`` {name: (shape, allowed dtypes)} and ``optional`` {name: shape} against ``found``: one
+    CheckpointError listing every missing, unexpected, mis-shaped and mistyped tensor."""
     missing = [n for n in required if n not in found]
     unexpected = sorted((n for n in found if n not in required and n not in optional), key=natural_order)
+    shapes = {**{n: shape for n, (shape, _) in required.items()}, **optional}
     misshaped = [
         f"{n} expected {list(shape)} found {list(found[n][0])}"
-        for n, shape in {**required, **optional}.items()
+        for n, shape in shapes.items()
         if n in found and tuple(found[n][0]) != shape
     ]
-    dtypes = [f"{n} is {found[n][1]}" for n in required if n in found and found[n][1] not in FLOAT_DTYPES]
+    dtypes = [
+        f"{n} is {found[n][1]}, expected {'/'.join(sorted(allowed))}"
+        for n, (_, allowed) in required.items()
+        if n in found and found[n][1] not in allowed
+    ]
     parts = [
         f"{len(items)} {label}: {short_list(items)}"
         for label, items in (
             ("missing", missing),
             ("unexpected", unexpected),
             ("mis-shaped", misshaped),
-            ("not floating point", dtypes),
+            ("of the wrong dtype", dtypes),
         )
         if items
     ]
@@ -218,7 +239,7 @@ def check_against_table(config: Owl3Config, found: Mapping[str, tuple[tuple[int,
         raise CheckpointError(
             "checkpoint does not match the 240728 layout of its config.json: " + "; ".join(parts),
             where=where,
-            fix=_mismatch_hint(config, found),
+            fix=fix,
         )
 
 
@@ -258,11 +279,20 @@ def load_model(
         )
     config = Owl3Config.from_hf_json(directory)
     files = discover_checkpoint(directory)
-    check_against_table(config, {n: (i.shape, i.dtype) for n, i in files.tensors.items()}, str(directory))
+    found = {n: (i.shape, i.dtype) for n, i in files.tensors.items()}
+    quantization = read_quantization(directory)
+    if quantization is None:
+        check_against_table(config, found, str(directory))
+        build, model_bytes = _build_empty_model, count_parameters(config) * dtype.itemsize
+    else:
+        from owl3.quantize.loading import QuantizedLayout
+
+        layout = QuantizedLayout.check(config, quantization, found, str(directory))
+        build, model_bytes = layout.build_empty_model, layout.model_bytes(dtype)
     device = torch.device(device)
     largest = max((i.end - i.begin for i in files.tensors.values()), default=0)
-    check_memory(count_parameters(config) * dtype.itemsize, largest, device)
-    model = _build_empty_model(config, dtype, device)
+    check_memory(model_bytes, largest, device)
+    model = build(config, dtype, device)
     show = progress if progress is not None else len(files.shards) > 1 and sys.stderr.isatty()
     non_finite = _copy_weights(model, files, show)
     if non_finite:
@@ -271,11 +301,27 @@ def load_model(
             where=str(directory),
             fix="the weights are damaged (download again) or overflow this dtype (load bfloat16 or float32)",
         )
+    if quantization is not None:
+        from owl3.quantize.loading import check_loaded
+
+        check_loaded(model)
     model.eos_token_ids = read_eos_token_ids(directory, config)
     model.image_token_id = read_image_token_id(directory)
     for param in model.parameters():
         param.requires_grad_(False)
     return model.eval()
+
+
+def read_quantization(directory: Path):
+    """The checkpoint's ``quantization_config`` (owl3.quantize.gptq_format), or None for float weights."""
+    from owl3.config import read_config_json
+
+    raw = read_config_json(Path(directory) / "config.json")
+    if "quantization_config" not in raw and not (Path(directory) / "quantize_config.json").is_file():
+        return None
+    from owl3.quantize.gptq_format import read_quantization_config
+
+    return read_quantization_config(directory, raw)
 
 
 def _build_empty_model(config: Owl3Config, dtype: torch.dtype, device: torch.device) -> Owl3Model:
@@ -302,7 +348,7 @@ def _build_empty_model(config: Owl3Config, dtype: torch.dtype, device: torch.dev
 @torch.no_grad()
 def _copy_weights(model: torch.nn.Module, files: CheckpointFiles, show: bool) -> list[str]:
     """Copy every required tensor shard by shard; return the tensors holding NaN/Inf (with their file)."""
-    params = dict(model.named_parameters())
+    params = {**dict(model.named_parameters()), **dict(model.named_buffers())}  # quantized layers: buffers
     total = sum(i.end - i.begin for n, i in files.tensors.items() if n in params) >> 20
     done, bad = 0, []
     for number, shard in enumerate(files.shards, start=1):
