@@ -32,24 +32,32 @@ class Backend(Protocol):
 
 
 class PyTorchBackend:
-    """The native PyTorch model. fp16/bf16 run with fp32 islands, as the fp16 export computes."""
+    """The native PyTorch model, float or quantized (a GPTQ-format checkpoint, e.g. from ``owl3-export quantize``).
+
+    ``compute`` is the activation dtype; fp16/bf16 run with fp32 islands, as the fp16 export computes. A quantized
+    checkpoint's ``precision`` is its class (int4, int8, w8a8) and its name carries the quantization variant, so
+    two quantizations of one model are two arms; ``calibration`` is its calibration record (ids hashed).
+    """
 
     kind = "pytorch"
 
-    def __init__(self, model_dir: Path, precision: str = "fp32") -> None:
+    def __init__(self, model_dir: Path, compute: str = "fp32") -> None:
         import torch
 
         from owl3.model.weights import load_model
 
         dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-        if precision not in dtypes:
-            raise UsageError(
-                f"unknown PyTorch precision {precision!r}", where="backend spec", fix=f"use {list(dtypes)}"
-            )
+        if compute not in dtypes:
+            raise UsageError(f"unknown PyTorch precision {compute!r}", where="backend spec", fix=f"use {list(dtypes)}")
         self.model_dir = Path(model_dir)
-        self.model = load_model(model_dir, dtype=dtypes[precision])
-        self.precision = precision
-        self.name = f"pytorch-{precision}"
+        self.model = load_model(model_dir, dtype=dtypes[compute])
+        self.compute = compute
+        self.precision, variant, self.calibration = compute, compute, None
+        quantization = getattr(self.model, "quantization", None)
+        if quantization is not None:
+            self.precision, variant, self.calibration = quantized_identity(self.model_dir, quantization)
+            variant += "" if compute == "fp32" else f"-{compute}"
+        self.name = f"pytorch-{variant}"
 
     def _context(self):
         import contextlib
@@ -60,7 +68,7 @@ class PyTorchBackend:
 
         stack = contextlib.ExitStack()
         stack.enter_context(torch.inference_mode())
-        if self.precision != "fp32":
+        if self.compute != "fp32":
             stack.enter_context(fp32_islands())
         return stack
 
@@ -121,6 +129,19 @@ class OnnxBackend:
             inputs["input_ids"], inputs.get("pixel_values"), inputs["media_offset"], max_new_tokens=max_new_tokens
         )
         return [int(t) for t in tokens[0]]
+
+
+def quantized_identity(model_dir: Path, quantization: Any) -> tuple[str, str, dict[str, Any] | None]:
+    """(precision class, variant name, calibration record) of a quantized checkpoint: from the quantizer's
+    manifest when it has one, else from its quantization_config alone (a checkpoint made elsewhere)."""
+    from owl3.artifacts import ArtifactError, read_manifest
+
+    try:
+        manifest = read_manifest(model_dir, schema="owl3-export/gptq")
+    except ArtifactError:
+        precision = "w8a8" if quantization.activation_scheme == "static" else f"int{quantization.bits}"
+        return precision, precision, None
+    return manifest["precision"], manifest["variant"], manifest.get("calibration")
 
 
 def open_backend(spec: str) -> Backend:

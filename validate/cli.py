@@ -6,14 +6,17 @@ import argparse
 import sys
 from pathlib import Path
 
-VALIDATE_HELP = "compare backends (PyTorch, ONNX fp32/fp16) at every level and write drift reports"
+VALIDATE_HELP = "compare backends (PyTorch float or quantized, ONNX) at every level and write drift reports"
 
 
 def add_validate_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser = subparsers.add_parser("validate", help=VALIDATE_HELP, description=VALIDATE_HELP + ".")
     parser.add_argument("--reference", help="pytorch:DIR[:fp32|fp16|bf16] (default: the demo model, fp32)")
     parser.add_argument(
-        "--candidate", action="append", default=[], help="onnx:EXPORT_DIR[:cpu|cuda|tensorrt] or pytorch:DIR:PREC"
+        "--candidate",
+        action="append",
+        default=[],
+        help="onnx:EXPORT_DIR[:cpu|cuda|tensorrt] or pytorch:DIR[:fp32|fp16|bf16] (DIR float or quantized)",
     )
     parser.add_argument(
         "--benchmark", action="append", default=[], help="NAME:DIR in official format (vqav2, mmbench, pope, ...)"
@@ -23,6 +26,11 @@ def add_validate_parser(subparsers: argparse._SubParsersAction) -> argparse.Argu
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", type=Path, default=Path("validation"), help="report directory")
     parser.add_argument("--force", action="store_true", help="replace an existing validation artifact of ours")
+    parser.add_argument(
+        "--allow-calibration-overlap",
+        action="store_true",
+        help="evaluate a quantized arm on items of its calibration set (refused by default); the reports say so",
+    )
     return parser
 
 
@@ -42,6 +50,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     run_validation(
         reference, args.candidate, args.benchmark, args.output,
         limit=args.limit, seed=args.seed, force=args.force, progress=_note, extra_runs=extra,
+        allow_calibration_overlap=args.allow_calibration_overlap,
     )  # fmt: skip
     print(args.output / "index.md")
     return 0

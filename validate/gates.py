@@ -3,11 +3,11 @@ first real runs and bump GATES_VERSION with every change)."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 from owl3.validate.compare import DistributionComparison, TensorComparison
 
-GATES_VERSION = 1
+GATES_VERSION = 2  # 2: gates for int8, w8a8 and int4
 
 
 @dataclass(frozen=True)
@@ -48,6 +48,19 @@ GATES = {
     "onnx-fp32": Gate("ONNX fp32 (ONNX Runtime CPU) vs PyTorch fp32", max_abs=1e-4, min_top1=1.0),
     "onnx-fp16": Gate("fp16 export vs PyTorch", min_cosine=0.9999, max_kl_mean=1e-3, min_top1=0.99, task_margin=0.005),
 }
+# Quantized candidates (PyTorch on the quantized checkpoint, or its exports) against the float reference.
+QUANTIZED_GATES = {
+    "int8": Gate("INT8 weight-only", min_cosine=0.999, max_kl_mean=5e-3, min_top1=0.97, task_margin=0.005),
+    "w8a8": Gate("INT8 weights and activations", min_cosine=0.99, max_kl_mean=2e-2, min_top1=0.93, task_margin=0.01),
+    "int4": Gate("INT4 GPTQ", min_cosine=0.99, max_kl_mean=5e-2, min_top1=0.90, task_margin=0.01),
+}
+GATES.update(
+    {
+        f"{kind}-{precision}": replace(gate, name=f"{gate.name} ({label}) vs the float reference")
+        for kind, label in (("pytorch", "PyTorch"), ("onnx", "ONNX Runtime"))
+        for precision, gate in QUANTIZED_GATES.items()
+    }
+)
 
 
 def gate_for(kind: str, precision: str) -> Gate | None:

@@ -14,6 +14,7 @@ from owl3.validate.report_tables import (
     SCHEMA,
     Cell,
     Table,
+    calibration_texts,
     category_table,
     certify_text,
     detectable_drop_exceeds,
@@ -176,10 +177,11 @@ def _html_header(header: dict[str, Any]) -> str:
         f'<div class="banner {header["verdict"]}"><div class="icon">{"✓" if accepted else "✗"}</div>'
         f"<div><h2>{'Accepted' if accepted else 'Rejected'}</h2>{body}</div></div>"
     )
+    calibration = "".join(f'<p class="sub">{e(text)}</p>' for text in calibration_texts(header))
     return (
         f'<div class="eyebrow">owl3-export · drift report</div><h1>{title}</h1>'
         f'<p class="sub">{e(header["model"])} · gate “{e(gate["name"])}” v{e(str(gate["version"]))} · '
-        f"{e(header['created'])}</p>{banner}"
+        f"{e(header['created'])}</p>{calibration}{banner}"
     )
 
 

@@ -10,6 +10,7 @@ from owl3.validate.report_tables import (
     SCHEMA,
     Cell,
     Table,
+    calibration_texts,
     category_table,
     certify_text,
     distractor_table,
@@ -58,6 +59,7 @@ def render_markdown(report: dict[str, Any]) -> str:
     states = {level: level_state(level, levels) for level in LEVELS}
     out += ["", "; ".join(f"{title}: {states[level].replace('fail', 'FAIL')}" for level, title in LEVELS.items())]
     out += ["", f"Model {header['model']}, created {header['created']}.", ""]
+    out += [line for text in calibration_texts(header) for line in (text, "")]
     arms = Table(
         ["arm", "name", "precision", "backend"],
         [[role, arm["name"], arm["precision"], arm["backend"]] for role, arm in header["arms"].items()],

@@ -252,6 +252,23 @@ def excluded_text(task: dict[str, Any]) -> str:
     return text + f"{excluded['count']} item(s) excluded from both arms" + (f": {reasons}." if reasons else ".")
 
 
+def calibration_texts(header: dict[str, Any]) -> list[str]:
+    """One sentence per quantized arm: its calibration set and whether it overlaps the evaluated subsets."""
+    out = []
+    for info in header.get("calibration", []):
+        ids = info["ids_sha256"][:12]
+        what = f"{info['arm']} was calibrated on {info['samples']} samples ({info['source']}, ids {ids})"
+        if not info["overlap"]:
+            out.append(f"{what}; none of them or their images is in the evaluated subsets.")
+            continue
+        shared = ", ".join(f"{b}: {o['items']} items, {o['media']} images" for b, o in info["overlap"].items())
+        out.append(
+            f"WARNING: {what}, and the evaluated subsets share some of them ({shared}); this evaluation was "
+            "allowed with --allow-calibration-overlap, so its task scores are not independent of calibration."
+        )
+    return out
+
+
 def certify_text(task: dict[str, Any]) -> str:
     """The benchmark's certify statement: the producer's, else the one its size and margin give."""
     return task.get("certify") or certify_statement(task["delta"]["n_units"], task["margin"])

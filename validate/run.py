@@ -19,6 +19,7 @@ from owl3.errors import GateFailure, UsageError
 from owl3.processor import Owl3Processor
 from owl3.validate.backends import Backend, open_backend
 from owl3.validate.benchmarks import BENCHMARKS, load_benchmark, subset
+from owl3.validate.calibration_check import calibration_overlaps, refuse_overlap
 from owl3.validate.report import write_report
 from owl3.validate.validator import BenchmarkRun, validate
 
@@ -82,8 +83,12 @@ def run_validation(
     force: bool = False,
     progress: Callable[[str], None] | None = None,
     extra_runs: Sequence[BenchmarkRun] = (),
+    allow_calibration_overlap: bool = False,
 ) -> dict[str, dict[str, Any]]:
-    """Validate candidates against the reference on the benchmarks; write the artifact to ``output``."""
+    """Validate candidates against the reference on the benchmarks; write the artifact to ``output``.
+
+    A quantized arm whose calibration set shares items or images with a benchmark subset is refused (exit 2)
+    unless ``allow_calibration_overlap``, which marks its reports instead."""
     if not candidate_specs:
         raise UsageError("no candidate to validate", where="--candidate", fix="pass at least one --candidate")
     output = Path(output)
@@ -91,10 +96,13 @@ def run_validation(
     runs = [*load_runs(benchmark_specs, limit=limit, seed=seed), *extra_runs]
     reference = open_backend(reference_spec)
     candidates = [open_backend(spec) for spec in candidate_specs]
+    overlaps = calibration_overlaps([reference, *candidates], runs)
+    refuse_overlap(overlaps, allow_calibration_overlap)
     partial = output.with_name(f".{output.name}.partial")
     reports = validate(
         reference, candidates, processor_for(reference), runs, partial,
         model_name=str(reference_spec.split(":", 1)[1]), tool_versions=tool_versions(), progress=progress,
+        calibration=overlaps,
     )  # fmt: skip
     with staged_output(output, force=force) as staging:
         failures = write_reports(staging, reports)

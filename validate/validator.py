@@ -58,8 +58,12 @@ def validate(
     model_name: str,
     tool_versions: dict[str, Any],
     progress: Callable[[str], None] | None = None,
+    calibration: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """Run every level for every candidate; returns {candidate name: drift report (owl3.drift-report/1)}."""
+    """Run every level for every candidate; returns {candidate name: drift report (owl3.drift-report/1)}.
+
+    ``calibration``: per quantized arm, its calibration summary and overlap (``calibration_check``), shown in
+    the reports that arm takes part in."""
     say = progress or (lambda _message: None)
     say(f"probing {reference.name} (tensors and next-token distributions)")
     probes = ProbeRun(reference, validation_cases(processor))
@@ -95,6 +99,9 @@ def validate(
             "verdict": "rejected" if failures else "accepted",
             "failures": failures,
         }
+        arms_calibration = [(calibration or {}).get(arm.name) for arm in (reference, candidate)]
+        if any(arms_calibration):
+            header["calibration"] = [info for info in arms_calibration if info]
         reports[candidate.name] = {"header": header, "levels": levels}
     return reports
 
