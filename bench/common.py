@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -47,3 +51,24 @@ def write_random_checkpoint(config: Owl3Config, out: Path, dtype: torch.dtype, s
     (out / "model.safetensors.index.json").write_text(json.dumps(index_json))
     (out / "config.json").write_text(json.dumps(config.to_hf_dict()))
     write_tokenizer(build_demo_tokenizer(1024), out)
+
+
+# Runs the owl3-export command line in a child process that reports its own peak resident memory.
+CHILD = (
+    "import resource, sys\n"
+    "from owl3.cli import main\n"
+    "code = main(sys.argv[1:])\n"
+    "print('PEAK_RSS_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)\n"
+    "sys.exit(code)\n"
+)
+
+
+def run_cli_measured(args: Sequence[str], what: str) -> tuple[float, float]:
+    """``owl3-export ARGS`` in a child process: (seconds, peak RSS in GiB); exits with its stderr on failure."""
+    started = time.perf_counter()
+    done = subprocess.run([sys.executable, "-c", CHILD, *args], capture_output=True, text=True)
+    seconds = time.perf_counter() - started
+    if done.returncode != 0:
+        raise SystemExit(f"{what} failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    peak_kb = next(int(line.split()[1]) for line in done.stderr.splitlines() if line.startswith("PEAK_RSS_KB"))
+    return seconds, peak_kb / 2**20

@@ -11,41 +11,26 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-from common import write_random_checkpoint
+from common import run_cli_measured, write_random_checkpoint
 
 from owl3.config import Owl3Config
 from owl3.model.weights import count_parameters
-
-CHILD = (
-    "import resource, sys\n"
-    "from owl3.cli import main\n"
-    "code = main(sys.argv[1:])\n"
-    "print('PEAK_RSS_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)\n"
-    "sys.exit(code)\n"
-)
 
 
 def run_export(checkpoint: Path, output: Path, precision: str, validate: bool) -> dict[str, float]:
     args = ["--precision", precision, "--model", str(checkpoint), "--output", str(output)]
     if not validate:
         args.append("--no-validate")
-    started = time.perf_counter()
-    done = subprocess.run([sys.executable, "-c", CHILD, *args], capture_output=True, text=True)
-    seconds = time.perf_counter() - started
-    if done.returncode != 0:
-        raise SystemExit(f"export failed ({done.returncode}):\n{done.stderr[-3000:]}")
-    peak_kb = next(int(line.split()[1]) for line in done.stderr.splitlines() if line.startswith("PEAK_RSS_KB"))
+    seconds, peak_gib = run_cli_measured(args, "export")
     written = sum(p.stat().st_size for p in output.iterdir())
     return {
         "seconds": round(seconds, 1),
-        "peak_rss_gib": round(peak_kb / 2**20, 2),
+        "peak_rss_gib": round(peak_gib, 2),
         "written_gib": round(written / 2**30, 2),
     }
 
