@@ -24,7 +24,6 @@ from typing import Any
 VARIANTS: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {  # name: (recipe, overrides, calibration)
     "int8": ("int8", {}, {}),
     "int8-rtn": ("int8", {"method": "rtn", "act_order": False}, {}),
-    "w8a8": ("w8a8", {}, {}),
     "w8a8-shared-v_kv": ("w8a8", {"v_kv_smoothing": "shared"}, {}),
     "w8a8-separate-v_kv": ("w8a8", {"v_kv_smoothing": "separate"}, {}),
     "int4": ("int4", {}, {}),
@@ -80,8 +79,8 @@ def summarize(report: dict[str, Any]) -> dict[str, Any]:
     for bench, task in levels["tasks"].items():
         delta = task["delta"]
         out[bench] = {
-            "reference": delta["reference_mean"],
-            "candidate": delta["candidate_mean"],
+            "reference": delta["reference_accuracy"],
+            "candidate": delta["candidate_accuracy"],
             "delta": delta["delta"],
         }
     return out

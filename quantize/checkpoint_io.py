@@ -11,6 +11,7 @@ an index, or ``model.safetensors`` when one shard suffices.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Container
@@ -68,8 +69,20 @@ class WeightSource:
         return module.eval()
 
 
+def tensor_digest(tensor: Tensor) -> str:
+    """sha256 of a tensor's dtype, shape and bytes (C order)."""
+    value = tensor.detach().to("cpu").contiguous()
+    digest = hashlib.sha256(f"{value.dtype}{tuple(value.shape)}".encode())
+    digest.update(value.view(torch.uint8).numpy().tobytes() if value.numel() else b"")
+    return digest.hexdigest()
+
+
 class ShardWriter:
-    """Output tensors in shards of at most ``max_shard_bytes`` (a larger tensor gets a shard of its own)."""
+    """Output tensors in shards of at most ``max_shard_bytes`` (a larger tensor gets a shard of its own).
+
+    ``digests`` records the sha256 of every tensor as handed over, so the written files can be re-read and
+    checked (``owl3.quantize.verify``).
+    """
 
     def __init__(self, directory: Path, max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> None:
         self.directory, self.max_bytes = Path(directory), max_shard_bytes
@@ -77,15 +90,17 @@ class ShardWriter:
         self.pending_bytes = 0
         self.shards: list[tuple[Path, list[str]]] = []
         self.total = 0
+        self.digests: dict[str, str] = {}
 
     def add(self, name: str, tensor: Tensor) -> None:
         """Queue ``tensor``: float tensors as fp16, except the W8A8 scales (fp32); integers as they are."""
-        if name in self.pending or any(name in names for _, names in self.shards):
+        if name in self.digests:
             raise ValueError(f"tensor {name} written twice")
         value = tensor.detach()
         if value.is_floating_point() and not name.endswith(FP32_SUFFIXES):
             value = value.to(OUTPUT_FLOAT)
         value = value.to("cpu").contiguous().clone()
+        self.digests[name] = tensor_digest(value)
         nbytes = value.numel() * value.element_size()
         if self.pending and self.pending_bytes + nbytes > self.max_bytes:
             self.flush()

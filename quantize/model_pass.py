@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from owl3.config import Owl3Config
 from owl3.model.attention import rope_cos_sin
 from owl3.model.hyper import HyperAttention
-from owl3.model.owl3 import attention_for_layer
+from owl3.model.owl3 import IMAGE_CHUNK, attention_for_layer
 from owl3.model.qwen2 import Qwen2DecoderLayer, Qwen2RMSNorm, causal_mask
 from owl3.model.siglip import SiglipEncoderLayer, SiglipVisionEmbeddings
 from owl3.placement import parse_media_offset
@@ -35,7 +35,6 @@ from owl3.quantize.gptq_format import LM_HEAD
 from owl3.quantize.layerwise import DECODER_GROUPS, LM_HEAD_GROUPS, VISION_GROUPS, BlockQuantizer
 
 EMBED = "language_model.model.embed_tokens.weight"
-VISION_CHUNK = 8  # images per vision forward: bounds the [n, heads, P, P] attention weights
 REFERENCE_SAMPLES = 2  # samples whose final logits the written checkpoint must reproduce
 
 
@@ -69,7 +68,7 @@ def quantize_pass(
     timer: dict[str, float] = {}
     started = time.perf_counter()
     states = [SampleState(s["input_ids"]) for s in samples]
-    image_embeds = _vision(config, quantizer, source, [s["pixel_values"] for s in samples], writer)
+    image_embeds = _vision(config, quantizer, source, [s["pixel_values"] for s in samples], writer, progress)
     _place_images(states, samples, image_embeds, source.device)
     timer["vision"] = time.perf_counter() - started
     _embed(states, source, writer)
@@ -86,7 +85,12 @@ def quantize_pass(
 
 # ---- vision -------------------------------------------------------------------------------------------------
 def _vision(
-    config: Owl3Config, quantizer: BlockQuantizer, source: WeightSource, pixels: list[Any], writer: ShardWriter
+    config: Owl3Config,
+    quantizer: BlockQuantizer,
+    source: WeightSource,
+    pixels: list[Any],
+    writer: ShardWriter,
+    progress: Callable[[str], None],
 ) -> list[Tensor | None]:
     """Projector outputs [n, P, H] per sample (None without images), the vision tower streamed layer by layer."""
     vision = config.vision
@@ -100,6 +104,7 @@ def _vision(
         with torch.no_grad():
             xs = _map(layer, xs)
         writer.add_module(prefix, layer)
+        progress(f"vision layer {j + 1}/{vision.layers_run} done")
     projector = _load(
         lambda: nn.Linear(vision.hidden_size, config.text.hidden_size), "vision2text_model.", source, quantizer
     )
@@ -114,7 +119,8 @@ def _map(module: nn.Module, xs: list[Tensor | None]) -> list[Tensor | None]:
 
 
 def _chunked(module: nn.Module, x: Tensor) -> Tensor:
-    return torch.cat([module(chunk) for chunk in x.split(VISION_CHUNK)])
+    """``module`` over ``x`` in the chunks ``Owl3Model.encode_images`` uses, so both round alike."""
+    return torch.cat([module(chunk) for chunk in x.split(IMAGE_CHUNK)])
 
 
 def _place_images(states: list[SampleState], samples: list[dict], embeds: list[Tensor | None], device) -> None:

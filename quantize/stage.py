@@ -23,17 +23,18 @@ import torch
 
 from owl3.artifacts import check_free_disk, source_record, staged_output, tool_versions, write_manifest
 from owl3.config import Owl3Config
-from owl3.errors import EnvironmentProblem, Owl3Error, ResourceError, UsageError
-from owl3.model.safetensors_files import discover_checkpoint
+from owl3.errors import EnvironmentProblem, ResourceError, UsageError
+from owl3.model.safetensors_files import CheckpointFiles, discover_checkpoint
 from owl3.model.weights import available_ram_bytes, check_against_table, read_quantization, tensor_table
 from owl3.processor import Owl3Processor
 from owl3.quantize.calibration import CalibrationConfig, CalibrationSet, load_calibration
 from owl3.quantize.checkpoint_io import DEFAULT_SHARD_BYTES, ShardWriter, WeightSource
 from owl3.quantize.gptq_format import LM_HEAD, QUANTIZE_CONFIG_FILE, config_dict, packing_problem
 from owl3.quantize.layerwise import BlockQuantizer, ModulePlan
-from owl3.quantize.model_pass import PassResult, quantize_pass
+from owl3.quantize.model_pass import quantize_pass
 from owl3.quantize.qmath import group_size_for
-from owl3.quantize.recipes import FLOAT_BY_DEFAULT, Recipe, RecipeError, recipe
+from owl3.quantize.recipes import FLOAT_BY_DEFAULT, RECIPES, Recipe, RecipeError, recipe
+from owl3.quantize.verify import verify_checkpoint
 
 SCHEMA = "owl3-export/gptq"  # manifest kind of a quantized checkpoint directory
 SCHEMA_VERSION = 1
@@ -59,7 +60,7 @@ def quantize_model(
     chosen = recipe(recipe_or_name) if isinstance(recipe_or_name, str) else recipe_or_name
     calibration = calibration or CalibrationConfig()
     model_dir, output = Path(model_dir), Path(output)
-    config = _checked_source(model_dir)
+    config, files = _checked_source(model_dir)
     plan = plan_modules(config, chosen)
     if chosen.activations and calibration.text_only and config.hyper_layers:
         raise RecipeError(
@@ -68,26 +69,24 @@ def quantize_model(
             where="--text-only",
             fix="calibrate w8a8 with images",
         )
-    processor = Owl3Processor.from_pretrained(model_dir)
     target = resolve_device(device)
     check_free_disk(output, estimated_bytes(config, plan) + (64 << 20))
-    calib = load_calibration(calibration, processor, image_size=config.vision.image_size, warn=lambda m: say(m))
-    _check_memory(config, plan, calib, target)
-    say(
-        f"calibration: {len(calib.samples)} samples, {calib.tokens} tokens, {calib.images} images"
-        + (f", {sum(calib.skipped.values())} skipped" if calib.skipped else "")
+    calib = load_calibration(
+        calibration, Owl3Processor.from_pretrained(model_dir), image_size=config.vision.image_size, warn=say
     )
+    _check_memory(config, plan, calib, target)
+    say(f"calibration: {len(calib.samples)} samples, {calib.tokens} tokens, {calib.images} images" + _skipped(calib))
     started = time.perf_counter()
     with staged_output(output, force=force) as staging:
         writer = ShardWriter(staging, max_shard_bytes)
         quantizer = BlockQuantizer(chosen, plan, target)
-        result = quantize_pass(config, quantizer, WeightSource(_files(model_dir), target), calib.samples, writer, say)
+        result = quantize_pass(config, quantizer, WeightSource(files, target), calib.samples, writer, say)
         shards = writer.finish()
         quantization = _quantization_config(config, chosen, plan)
         _write_config(staging, model_dir, config, quantization, plan)
         seconds = time.perf_counter() - started
         say(f"quantized {len(plan)} layers in {seconds:.1f} s; verifying the written checkpoint")
-        verification = verify_checkpoint(staging, calib, result)
+        verification = verify_checkpoint(staging, writer.digests, result.reference, calib.samples)
         manifest = {
             "schema": SCHEMA,
             "schema_version": SCHEMA_VERSION,
@@ -161,20 +160,21 @@ def precision_of(chosen: Recipe) -> str:
 
 
 def variant_name(chosen: Recipe, calibration: CalibrationConfig) -> str:
-    """A short name for this quantization: recipe, then what differs from its defaults."""
+    """A short unique name for this quantization: the recipe, then every setting that differs from it."""
+    base = RECIPES.get(chosen.name)
     parts = [chosen.name]
     parts += ["text-only"] if calibration.text_only else []
     parts += ["lm_head-int8"] if chosen.lm_head else []
     parts += ["vision-int8"] if chosen.vision else []
+    for key, value in chosen.to_json().items():
+        if base is not None and key not in ("name", "lm_head", "vision") and value != getattr(base, key):
+            shown = {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
+            parts.append(f"{key}-{shown}" if not isinstance(value, tuple) else f"{key}-{len(value)}")
     return "+".join(parts)
 
 
 # ---- source, device, preflight ------------------------------------------------------------------------------
-def _files(model_dir: Path):
-    return discover_checkpoint(model_dir)
-
-
-def _checked_source(model_dir: Path) -> Owl3Config:
+def _checked_source(model_dir: Path) -> tuple[Owl3Config, CheckpointFiles]:
     config = Owl3Config.from_hf_json(model_dir)
     if read_quantization(model_dir) is not None:
         raise UsageError(
@@ -182,7 +182,11 @@ def _checked_source(model_dir: Path) -> Owl3Config:
         )
     files = discover_checkpoint(model_dir)
     check_against_table(config, {n: (i.shape, i.dtype) for n, i in files.tensors.items()}, str(model_dir))
-    return config
+    return config, files
+
+
+def _skipped(calib: CalibrationSet) -> str:
+    return f", {sum(calib.skipped.values())} skipped ({calib.skipped})" if calib.skipped else ""
 
 
 def resolve_device(name: str) -> torch.device:
@@ -283,35 +287,6 @@ def _write_config(
     for side in SIDE_FILES:
         if (model_dir / side).is_file():
             shutil.copyfile(model_dir / side, staging / side)
-
-
-# ---- verification -------------------------------------------------------------------------------------------
-def verify_checkpoint(staging: Path, calib: CalibrationSet, result: PassResult) -> dict[str, Any]:
-    """Load the written checkpoint strictly and compare its logits with the quantizer's own on a few samples."""
-    from owl3.model.weights import load_model
-    from owl3.validate.compare import compare_tensors
-
-    model = load_model(staging, dtype=torch.float32, device="cpu")
-    checks = []
-    with torch.inference_mode():
-        for index, reference in result.reference:
-            sample = calib.samples[index]
-            pixels = sample["pixel_values"]
-            logits = model(
-                torch.from_numpy(sample["input_ids"]),
-                None if pixels is None else torch.from_numpy(pixels),
-                torch.from_numpy(sample["media_offset"]),
-            ).logits
-            comparison = compare_tensors(f"sample {index} logits", reference.numpy(), logits.numpy())
-            checks.append(comparison.to_json())
-            if comparison.cosine < VERIFY_MIN_COSINE or comparison.nan or comparison.inf:
-                raise Owl3Error(
-                    f"internal error: the written checkpoint does not reproduce the quantizer's logits "
-                    f"(cosine {comparison.cosine:.8f}, max abs {comparison.max_abs:.3g})",
-                    where=f"{staging.name}, calibration sample {index}",
-                    fix="report this bug; nothing was written",
-                )
-    return {"loaded": True, "logits": checks, "min_cosine": VERIFY_MIN_COSINE}
 
 
 def _summary(records: list[dict[str, Any]], plan: dict[str, ModulePlan], config: Owl3Config) -> dict[str, Any]:

@@ -199,3 +199,24 @@ def test_cli_quantize_and_its_errors(tmp_path: Path, demo_model_dir: Path, capsy
     assert "expected 'builtin', a folder of images" in capsys.readouterr().err
     assert main(["quantize", "--precision", "int3"]) == 2
     assert main([*args, "--exclude", "layers.[", "--output", str(tmp_path / "y")]) == 2
+
+
+def test_verification_rereads_every_tensor_and_bounds_its_memory(
+    demo_int4: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import shutil
+
+    import owl3.quantize.verify as verify
+    from owl3.quantize.checkpoint_io import tensor_digest
+
+    copy = tmp_path / "copy"
+    shutil.copytree(demo_int4, copy)
+    tensors = tensors_of(copy)
+    digests = {name: tensor_digest(value) for name, value in tensors.items()}
+    monkeypatch.setattr(verify, "LOGITS_MAX_BYTES", 0)  # a model too large to load whole: no logits check
+    record = verify.verify_checkpoint(copy, digests, [], [])
+    assert record["structure"] == "checked" and record["tensors_rehashed"] == len(tensors)
+    assert record["logits"] == [] and "over this check's budget" in record["logits_skipped"]
+    digests[LAYER0 + "mlp.up_proj.qweight"] = "0" * 64  # what the writer was handed differs from the file
+    with pytest.raises(verify.VerificationError, match=r"mlp\.up_proj\.qweight reads back different"):
+        verify.verify_checkpoint(copy, digests, [], [])

@@ -26,6 +26,8 @@ from owl3.model.qwen2 import KVPair, Qwen2Attention, Qwen2DecoderLayer, Qwen2RMS
 from owl3.model.siglip import SiglipVisionTransformer
 from owl3.placement import media_offset_from_ids, parse_media_offset
 
+IMAGE_CHUNK = 16  # images per vision forward: bounds the [n, heads, P, P] attention weights
+
 
 @dataclass
 class VisualMemory:
@@ -146,7 +148,7 @@ class Owl3Model(nn.Module):
         return self.language_model.model.embed_tokens.weight.device
 
     # ---- graph 1: vision --------------------------------------------------------------------------
-    def encode_images(self, pixel_values: Tensor, chunk_size: int = 16) -> Tensor:
+    def encode_images(self, pixel_values: Tensor, chunk_size: int = IMAGE_CHUNK) -> Tensor:
         """pixel_values [N, 3, S, S] -> projector output [N, P, H], in the language model's dtype."""
         size = self.config.vision.image_size
         if pixel_values.dim() != 4 or tuple(pixel_values.shape[1:]) != (3, size, size):
