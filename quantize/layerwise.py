@@ -227,4 +227,6 @@ class BlockQuantizer:
             record["smoothing"] = {"min": float(s.min()), "max": float(s.max()), "explicit": pre is not None}
         bias = linear.bias.detach() if linear.bias is not None else None
         self.records.append(record)
-        return QuantizedLinear.from_weight(quantized, bias, input_scale=input_scale, pre_quant_scale=pre)
+        module = QuantizedLinear.from_weight(quantized, bias, input_scale=input_scale, pre_quant_scale=pre)
+        module.cache_weight = True  # the replay dequantizes once per layer, not once per call
+        return module

@@ -75,7 +75,7 @@ def quantize_pass(
     for index in range(config.text.num_hidden_layers):
         layer_started = time.perf_counter()
         _decoder_layer(config, index, quantizer, source, states, writer)
-        progress(f"decoder layer {index + 1}/{config.text.num_hidden_layers} quantized")
+        progress(f"decoder layer {index + 1}/{config.text.num_hidden_layers} quantized{_peak_rss()}")
         timer[f"layer {index}"] = time.perf_counter() - layer_started
     head_started = time.perf_counter()
     reference = _head(config, quantizer, source, states, writer)
@@ -104,7 +104,7 @@ def _vision(
         with torch.no_grad():
             xs = _map(layer, xs)
         writer.add_module(prefix, layer)
-        progress(f"vision layer {j + 1}/{vision.layers_run} done")
+        progress(f"vision layer {j + 1}/{vision.layers_run} done{_peak_rss()}")
     projector = _load(
         lambda: nn.Linear(vision.hidden_size, config.text.hidden_size), "vision2text_model.", source, quantizer
     )
@@ -137,9 +137,9 @@ def _place_images(states: list[SampleState], samples: list[dict], embeds: list[T
 
 # ---- language model -----------------------------------------------------------------------------------------
 def _embed(states: list[SampleState], source: WeightSource, writer: ShardWriter) -> None:
-    table = source.tensor(EMBED)
+    table = source.tensor(EMBED, dtype=torch.float16)  # a lookup: kept in its stored dtype, rows cast on use
     for state in states:
-        state.hidden = F.embedding(torch.from_numpy(state.input_ids).to(source.device), table)
+        state.hidden = F.embedding(torch.from_numpy(state.input_ids).to(source.device), table).to(source.compute)
     writer.add(EMBED, table)
 
 
@@ -189,22 +189,39 @@ def _head(
     with torch.no_grad():
         normed = [norm(state.hidden) for state in states]
     writer.add_module("language_model.model.norm.", norm)
-    quantized = LM_HEAD in quantizer.plan
+    weight_name = EMBED if text.tie_word_embeddings else f"{LM_HEAD}.weight"
+    chosen = _reference_samples(states)
+    if LM_HEAD not in quantizer.plan:  # float: kept in fp16, projected in vocabulary chunks (bounded memory)
+        weight = source.tensor(weight_name, dtype=torch.float16)
+        if not text.tie_word_embeddings:
+            writer.add(f"{LM_HEAD}.weight", weight)
+        with torch.no_grad():
+            return [(i, _chunked_projection(normed[i], weight).cpu()) for i in chosen]
     holder = nn.Module()
     with torch.device("meta"):
         holder.lm_head = nn.Linear(text.hidden_size, text.vocab_size, bias=False)
     holder.to_empty(device=source.device)
-    weight_name = EMBED if text.tie_word_embeddings else f"{LM_HEAD}.weight"
     with torch.no_grad():
-        holder.lm_head.weight.copy_(source.tensor(weight_name, full_precision=quantized))
+        holder.lm_head.weight.copy_(source.tensor(weight_name, full_precision=True))
         holder.lm_head.weight.requires_grad_(False)
-    if quantized:
-        quantizer.quantize(holder, "language_model.", LM_HEAD_GROUPS, lambda: [holder.lm_head(x) for x in normed])
-    if quantized or not text.tie_word_embeddings:  # a quantized lm_head is written untied
-        writer.add_module(f"{LM_HEAD}.", holder.lm_head)
-    chosen = _reference_samples(states)
+    quantizer.quantize(holder, "language_model.", LM_HEAD_GROUPS, lambda: [holder.lm_head(x) for x in normed])
+    writer.add_module(f"{LM_HEAD}.", holder.lm_head)  # a quantized lm_head is written untied
     with torch.no_grad():
         return [(i, holder.lm_head(normed[i]).float().cpu()) for i in chosen]
+
+
+def _chunked_projection(hidden: Tensor, weight: Tensor, rows: int = 16384) -> Tensor:
+    """``hidden @ weight.T`` in fp32 from an fp16 weight, ``rows`` vocabulary rows at a time: [1, L, V]."""
+    return torch.cat([F.linear(hidden, part.to(hidden.dtype)) for part in weight.split(rows)], dim=-1)
+
+
+def _peak_rss() -> str:
+    """ ", peak RSS 3.2 GiB" where the platform reports it (Linux: kilobytes), else ""."""
+    try:
+        import resource
+    except ImportError:
+        return ""
+    return f", peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.1f} GiB"
 
 
 def _reference_samples(states: list[SampleState]) -> list[int]:

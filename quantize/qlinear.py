@@ -57,6 +57,8 @@ class QuantizedLinear(nn.Module):
         self.register_buffer("bias", torch.zeros(out_features, dtype=torch.float16) if bias else None)
         self.register_buffer("input_scale", torch.ones(1, dtype=torch.float32) if activations else None)
         self.register_buffer("pre_quant_scale", torch.ones(in_features, dtype=torch.float32) if smoothed else None)
+        self.cache_weight = False  # keep the dequantized weight between calls (the quantizer's replay)
+        self._cached: Tensor | None = None
 
     @classmethod
     def from_weight(
@@ -98,8 +100,13 @@ class QuantizedLinear(nn.Module):
         return QuantizedWeight(self.codes(), self.scales, self.zeros(), self.g_idx, self.bits, self.group_size)
 
     def dequantized_weight(self) -> Tensor:
-        """[N, K] float32."""
-        return dequantize(self.codes(), self.scales, self.zeros(), self.g_idx).t()
+        """[N, K] float32 (the same every call; kept between calls when ``cache_weight`` is set)."""
+        if self._cached is not None:
+            return self._cached
+        weight = dequantize(self.codes(), self.scales, self.zeros(), self.g_idx).t()
+        if self.cache_weight:
+            self._cached = weight
+        return weight
 
     def forward(self, x: Tensor) -> Tensor:
         if self.pre_quant_scale is not None:

@@ -129,9 +129,18 @@ def rtn_quantize(weight: Tensor, bits: int, group_size: int) -> QuantizedWeight:
 
 
 def dequantize(codes: Tensor, scales: Tensor, zeros: Tensor, g_idx: Tensor) -> Tensor:
-    """``[K, N]`` float32 from codes [K, N], scales and zeros [G, N], g_idx [K]."""
+    """``[K, N]`` float32 from codes [K, N], scales and zeros [G, N], g_idx [K].
+
+    Contiguous groups broadcast [G, 1, N] over [G, K / G, N] in place: one [K, N] float32 temporary."""
+    k, n = codes.shape
+    groups = scales.shape[0]
+    weight = codes.to(torch.float32)
+    if k % groups == 0 and torch.equal(g_idx.long(), contiguous_g_idx(k, k // groups, g_idx.device).long()):
+        view = weight.view(groups, k // groups, n)
+        view.sub_(zeros.to(torch.float32)[:, None, :]).mul_(scales.to(torch.float32)[:, None, :])
+        return weight
     index = g_idx.long()
-    return scales.to(torch.float32)[index] * (codes.to(torch.float32) - zeros.to(torch.float32)[index])
+    return weight.sub_(zeros.to(torch.float32)[index]).mul_(scales.to(torch.float32)[index])
 
 
 # ---- GPTQ int32 packing ----------------------------------------------------------------------------------
@@ -153,22 +162,28 @@ def _to_int32(words: Tensor) -> Tensor:
 
 
 def pack_rows(codes: Tensor, bits: int) -> Tensor:
-    """[K, N] codes -> int32 [K / pf, N]: word r holds codes[r*pf + j] at bit offset bits*j."""
+    """[K, N] codes -> int32 [K / pf, N]: word r holds codes[r*pf + j] at bit offset bits*j.
+
+    Works one bit position at a time in int64 words of [K / pf, N]: no [K, N] int64 temporary."""
     pf = pack_factor(bits)
     k, n = codes.shape
     if k % pf:
         raise ValueError(f"{k} rows cannot be packed {pf} to a word")
-    grouped = codes.to(torch.int64).reshape(k // pf, pf, n) & maxq(bits)
-    words = (grouped << _shifts(bits, codes.device)[None, :, None]).sum(dim=1)
+    grouped = codes.reshape(k // pf, pf, n)
+    words = torch.zeros(k // pf, n, dtype=torch.int64, device=codes.device)
+    for j in range(pf):
+        words |= (grouped[:, j, :].to(torch.int64) & maxq(bits)) << (bits * j)
     return _to_int32(words).contiguous()
 
 
 def unpack_rows(packed: Tensor, bits: int) -> Tensor:
-    """int32 [K / pf, N] -> int32 codes [K, N] (inverse of ``pack_rows``)."""
+    """int32 [K / pf, N] -> int32 codes [K, N] (inverse of ``pack_rows``), one bit position at a time."""
     pf = pack_factor(bits)
     words = packed.to(torch.int64) & 0xFFFFFFFF
-    codes = (words[:, None, :] >> _shifts(bits, packed.device)[None, :, None]) & maxq(bits)
-    return codes.reshape(packed.shape[0] * pf, packed.shape[1]).to(torch.int32)
+    codes = torch.empty(packed.shape[0], pf, packed.shape[1], dtype=torch.int32, device=packed.device)
+    for j in range(pf):
+        codes[:, j, :] = (words >> (bits * j)) & maxq(bits)
+    return codes.reshape(packed.shape[0] * pf, packed.shape[1])
 
 
 def pack_cols(values: Tensor, bits: int) -> Tensor:
