@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from owl3.errors import CheckpointError
 from owl3.model.safetensors_files import INDEX_FILE, SINGLE_FILE, CheckpointFiles
+from owl3.model.weights import all_finite
 
 OUTPUT_FLOAT = torch.float16
 DEFAULT_SHARD_BYTES = 1 << 30  # bounds what the writer holds in memory (a larger tensor is written at once)
@@ -48,7 +49,7 @@ class WeightSource:
             value = handle.get_tensor(name)
         if not full_precision:
             value = value.to(OUTPUT_FLOAT)
-        if not bool(torch.isfinite(value).all()):
+        if not all_finite(value):
             cause = "in the file" if full_precision else "after rounding to fp16 (out of fp16 range)"
             raise CheckpointError(
                 f"tensor {name} holds NaN or Inf {cause}",

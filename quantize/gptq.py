@@ -69,37 +69,53 @@ class GPTQResult:
 def output_error(weight: Tensor, quantized: Tensor, hessian: Tensor) -> float:
     """Relative squared output error ``tr(dW H dW^T) / tr(W H W^T)``: exact over the calibration tokens
     (H from ``Hessian.finish``; columns of inputs that were never active contribute nothing)."""
+    weight, quantized = weight.to(torch.float32), quantized.to(torch.float32)
     live = hessian.diagonal() > 0
-    weight = weight.to(torch.float32)[:, live]
-    delta = weight - quantized.to(torch.float32)[:, live]
-    h = hessian[live][:, live] if not bool(live.all()) else hessian
-    num = torch.sum((delta @ h) * delta)
-    den = torch.sum((weight @ h) * weight)
-    return float(num / den) if float(den) > 0 else 0.0
+    if not bool(live.all()):
+        weight, quantized, hessian = weight[:, live], quantized[:, live], hessian[live][:, live]
+    delta = weight - quantized
+    num = float(torch.sum((delta @ hessian).mul_(delta), dtype=torch.float64))
+    den = float(torch.sum((weight @ hessian).mul_(weight), dtype=torch.float64))
+    return num / den if den > 0 else 0.0
 
 
-def inverse_factor(hessian: Tensor, damp: float) -> tuple[Tensor, float]:
-    """Upper Cholesky factor of ``(H + damp * mean(diag H) * I)^-1``; raises damp until it factorises.
-
-    ``hessian`` is left as it was. Works in one extra K x K buffer (the factor is inverted in place).
-    """
-    diagonal = hessian.diagonal()
-    original = diagonal.clone()
-    mean = float(original.mean())
-    try:
-        while damp < DAMP_LIMIT:
-            diagonal.copy_(original + damp * mean)
-            factor, info = torch.linalg.cholesky_ex(hessian)
-            if int(info) == 0:
-                torch.cholesky_inverse(factor, out=factor)
-                info = torch.linalg.cholesky_ex(factor, upper=True, out=(factor, info)).info
-                if int(info) == 0 and bool(torch.isfinite(factor).all()):
-                    return factor, damp
-            del factor
-            damp = round(damp + DAMP_STEP, 6)
-    finally:
-        diagonal.copy_(original)
+def inverse_factor(hessian: Tensor, damp: float, order: Tensor | None = None) -> tuple[Tensor, float]:
+    """Upper Cholesky factor U of ``(H' + damp * mean(diag H') * I)^-1`` (``U^T U`` is that inverse), where H'
+    is ``hessian`` with dead inputs' diagonal set to 1, permuted by ``order`` when given; raises damp until it
+    factorises. ``hessian`` is left unchanged; the work happens in one K x K buffer (LAPACK in place on its
+    column-major view), so a 7B down_proj (K = 18944) needs 1.4 GB beside its Hessian, not three times that."""
+    buffer = torch.empty_like(hessian)
+    factor = buffer.mT  # column-major: cholesky, cholesky_inverse and cholesky run in place on it
+    info = torch.zeros((), dtype=torch.int32, device=hessian.device)
+    mean = None
+    while damp < DAMP_LIMIT:
+        _copy_permuted(buffer, hessian, order)
+        diagonal = buffer.diagonal()
+        diagonal[diagonal == 0] = 1.0  # dead inputs (their weights are zeroed by the caller)
+        mean = float(diagonal.mean()) if mean is None else mean
+        diagonal.add_(damp * mean)
+        torch.linalg.cholesky_ex(factor, out=(factor, info))
+        if int(info) == 0:
+            torch.cholesky_inverse(factor, out=factor)
+            torch.linalg.cholesky_ex(factor, upper=True, out=(factor, info))
+            if int(info) == 0 and _all_finite(factor):
+                return factor, damp
+        damp = round(damp + DAMP_STEP, 6)
     raise GPTQError(f"the Hessian is not positive definite even with damping {DAMP_LIMIT}")
+
+
+def _copy_permuted(out: Tensor, hessian: Tensor, order: Tensor | None, rows: int = 1024) -> None:
+    """``out = hessian[order][:, order]`` (or a plain copy), ``rows`` rows at a time: no second K x K temporary."""
+    if order is None:
+        out.copy_(hessian)
+        return
+    for start in range(0, len(order), rows):
+        out[start : start + rows] = hessian[order[start : start + rows]][:, order]
+
+
+def _all_finite(matrix: Tensor, rows: int = 1024) -> bool:
+    """isfinite in row chunks: on a whole K x K matrix it would allocate several K x K temporaries."""
+    return all(bool(torch.isfinite(part).all()) for part in matrix.split(rows))
 
 
 def group_aware_order(diag: Tensor, group_size: int) -> Tensor:
@@ -131,22 +147,11 @@ def gptq_quantize(
     if k % group_size:
         raise ValueError(f"in_features {k} is not a multiple of group_size {group_size}")
     work = weight.detach().to(device=hessian.device, dtype=torch.float32).clone()
-    dead = hessian.diagonal() == 0
-    work[:, dead] = 0.0
-    order = None
-    if act_order:
-        order = group_aware_order(hessian.diagonal(), group_size)
+    work[:, hessian.diagonal() == 0] = 0.0  # inputs never active: their weights carry no information
+    order = group_aware_order(hessian.diagonal(), group_size) if act_order else None
+    if order is not None:
         work = work[:, order]
-        permuted = hessian[order][:, order]
-        permuted.diagonal()[dead[order]] = 1.0
-        upper, used_damp = inverse_factor(permuted, damp)
-        del permuted
-    else:
-        hessian.diagonal()[dead] = 1.0
-        try:
-            upper, used_damp = inverse_factor(hessian, damp)
-        finally:
-            hessian.diagonal()[dead] = 0.0
+    upper, used_damp = inverse_factor(hessian, damp, order)
     groups = k // group_size
     scales = torch.zeros(groups, n, dtype=torch.float32, device=work.device)
     codes = torch.zeros(n, k, dtype=torch.uint8, device=work.device)

@@ -361,8 +361,8 @@ def _copy_weights(model: torch.nn.Module, files: CheckpointFiles, show: bool) ->
                     source = f.get_tensor(info.name)
                     target = params[info.name]
                     target.copy_(source)
-                    if not _all_finite(target):
-                        cause = "in the file" if not _all_finite(source) else f"overflows {target.dtype}"
+                    if not all_finite(target):
+                        cause = "in the file" if not all_finite(source) else f"overflows {target.dtype}"
                         bad.append(f"{info.name} ({shard.name}, {cause})")
                     del source
                     done += info.end - info.begin
@@ -376,7 +376,8 @@ def _copy_weights(model: torch.nn.Module, files: CheckpointFiles, show: bool) ->
     return bad
 
 
-def _all_finite(tensor: torch.Tensor) -> bool:
+def all_finite(tensor: torch.Tensor) -> bool:
+    """No NaN or Inf, checked in chunks of 16M elements (isfinite on a whole tensor allocates several copies)."""
     flat = tensor.reshape(-1)
     return all(bool(torch.isfinite(flat[i : i + _SCAN_CHUNK]).all()) for i in range(0, flat.numel(), _SCAN_CHUNK))
 
