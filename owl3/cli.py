@@ -20,7 +20,7 @@ pipeline (each step writes a directory with a manifest):
 available in this version:
   owl3-export --precision fp32|fp16 [--model DIR] [--output DIR]
              export ONNX graphs (vision, visual memory, decoder with KV cache), validate them against
-             PyTorch and write a verified export directory (quantize and engine build come later)
+             PyTorch and write a verified export directory (quantized export and engines come next)
   quantize   GPTQ int4 / int8 / W8A8 with image+text calibration, into a GPTQ-format checkpoint
              (owl3-export quantize --precision int4 [--model DIR] [--calibration SRC] --output DIR)
   run        answer a prompt from an export directory with the torch-free runtime (ONNX Runtime)
