@@ -52,6 +52,11 @@ NO_MEDIA_OFFSET = -1_000_000
 DEFAULT_MAX_IMAGES = 128  # crops + frames per request; the largest official eval uses 128 video frames
 _MIN_CUT_CROPS = 1 + min(r * c for r, c in CUT_ANCHORS)  # smallest cut (3 crops) plus the global view
 _ROLES = ("system", "user", "assistant")
+FALLBACK_PRESET = "7b-240728"  # the config preset whose image size is assumed when config.json is absent
+
+
+class MissingConfigWarning(UserWarning):
+    """``from_pretrained`` found no config.json and assumed the 7B-240728 image size."""
 
 
 class CutPromptMismatchWarning(UserWarning):
@@ -229,8 +234,24 @@ class Owl3Processor:
 
     @classmethod
     def from_pretrained(cls, model_dir: str | Path, **kwargs: Any) -> Owl3Processor:
-        """Read tokenizer.json and config.json (``vision_config.image_size``) of a checkpoint directory."""
+        """Read tokenizer.json and config.json (``vision_config.image_size``) of a checkpoint directory.
+
+        Like the official processor, a directory with the tokenizer but no config.json is accepted: the
+        image size of the ``FALLBACK_PRESET`` (mPLUG-Owl3-7B-240728) is assumed, a ``MissingConfigWarning``
+        says so, and the tokenizer-vs-vocab_size check is skipped (there is no model config to check
+        against). A config.json that exists but is invalid is still refused (ConfigError).
+        """
         tokenizer = load_tokenizer(model_dir)
+        config_path = Path(model_dir) / "config.json"
+        if Path(model_dir).is_dir() and not config_path.exists() and not config_path.is_symlink():
+            image_size = Owl3Config.preset(FALLBACK_PRESET).vision.image_size
+            warnings.warn(
+                f"config.json is absent from {model_dir}; assuming the mPLUG-Owl3-7B-240728 image size of "
+                f"{image_size} px; add the checkpoint's config.json if the model is another revision",
+                MissingConfigWarning,
+                stacklevel=2,
+            )
+            return cls(tokenizer, image_size, **kwargs)
         config = Owl3Config.from_hf_json(model_dir)
         largest = max(tokenizer.get_vocab(with_added_tokens=True).values())
         if largest >= config.text.vocab_size:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 import warnings
@@ -16,12 +17,14 @@ from PIL import Image
 from tokenizers import Tokenizer
 
 from owl3.config import Owl3Config
-from owl3.errors import PromptError, TokenizerError, UsageError
+from owl3.demo import packaged_model_dir
+from owl3.errors import ConfigError, PromptError, TokenizerError, UsageError
 from owl3.processor import (
     CUT_ANCHORS,
     IMAGE_TOKEN,
     NO_MEDIA_OFFSET,
     CutPromptMismatchWarning,
+    MissingConfigWarning,
     Owl3Inputs,
     Owl3Processor,
     build_chunks,
@@ -370,6 +373,66 @@ def test_from_pretrained_rejects_a_tokenizer_larger_than_the_vocab(tmp_path: Pat
     (tmp_path / "config.json").write_text(json.dumps(config))
     write_tokenizer(tokenizer, tmp_path)
     with pytest.raises(TokenizerError, match="ids up to 511 but the model's vocab_size is 400"):
+        Owl3Processor.from_pretrained(tmp_path)
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def tokenizer_only_dir(target: Path) -> Path:
+    """The packaged demo model's tokenizer files, without its config.json (image_size 64)."""
+    for name in TOKENIZER_FILES:
+        shutil.copy(packaged_model_dir() / name, target / name)
+    return target
+
+
+def test_from_pretrained_without_config_assumes_the_240728_image_size(tmp_path: Path) -> None:
+    assert json.loads((packaged_model_dir() / "config.json").read_text())["vision_config"]["image_size"] == 64
+    assumed = Owl3Config.preset("7b-240728").vision.image_size
+    assert assumed == 384
+    with pytest.warns(MissingConfigWarning, match=rf"config\.json is absent from .*240728 image size of {assumed} px"):
+        loaded = Owl3Processor.from_pretrained(tokenizer_only_dir(tmp_path), multi_image_cut="exact")
+    assert loaded.image_size == assumed and loaded.multi_image_cut == "exact"
+    inputs = loaded(chat("<|image|>Describe."), images=[picture(500, 500)])
+    assert tuple(inputs.pixel_values.shape) == (5, 3, assumed, assumed)  # 2x2 crops + global view
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the full directory reads its config.json and does not warn
+        full = Owl3Processor.from_pretrained(packaged_model_dir())
+    assert full.image_size == 64
+    text = chat("A red circle.")
+    assert loaded(text).input_ids.tolist() == full(text).input_ids.tolist()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(TOKENIZER_FILES)  # nothing written
+
+
+@pytest.mark.parametrize("subdir", ["", "absent"], ids=["empty", "nonexistent"])
+def test_from_pretrained_without_a_tokenizer_names_it(tmp_path: Path, subdir: str) -> None:
+    model_dir = tmp_path / subdir  # an empty directory (neither config.json nor tokenizer), or none at all
+    with pytest.raises(TokenizerError, match=r"expected a tokenizer\.json file, found none") as info:
+        Owl3Processor.from_pretrained(model_dir)
+    assert str(model_dir) in info.value.where and "tokenizer.json" in info.value.fix
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ('{"model_type": "mplugowl3", ', "config.json is not valid JSON"),
+        ("[1, 2]", "config.json must hold a JSON object, found list"),
+        ('{"model_type": "llava", "architectures": ["LlavaForConditionalGeneration"]}', "unsupported architecture"),
+    ],
+    ids=["truncated", "not-an-object", "other-architecture"],
+)
+def test_from_pretrained_still_refuses_an_invalid_config(tmp_path: Path, content: str, message: str) -> None:
+    (tokenizer_only_dir(tmp_path) / "config.json").write_text(content)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", MissingConfigWarning)  # no silent fall-back to the preset
+        with pytest.raises(ConfigError, match=message) as info:
+            Owl3Processor.from_pretrained(tmp_path)
+    assert info.value.where == str(tmp_path / "config.json")
+
+
+def test_from_pretrained_refuses_a_dangling_config_link(tmp_path: Path) -> None:
+    (tokenizer_only_dir(tmp_path) / "config.json").symlink_to(tmp_path / "gone.json")
+    with pytest.raises(ConfigError, match=r"expected a config\.json file, found none"):
         Owl3Processor.from_pretrained(tmp_path)
 
 
