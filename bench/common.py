@@ -53,12 +53,14 @@ def write_random_checkpoint(config: Owl3Config, out: Path, dtype: torch.dtype, s
     write_tokenizer(build_demo_tokenizer(1024), out)
 
 
-# Runs the owl3-export command line in a child process that reports its own peak resident memory.
+# Runs the owl3-export command line in a child process that reports its own peak resident memory: VmHWM from
+# /proc (ru_maxrss would carry the parent's peak across fork and exec on Linux).
 CHILD = (
-    "import resource, sys\n"
+    "import sys\n"
     "from owl3.cli import main\n"
     "code = main(sys.argv[1:])\n"
-    "print('PEAK_RSS_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)\n"
+    "hwm = next(l for l in open('/proc/self/status') if l.startswith('VmHWM'))\n"
+    "print('PEAK_RSS_KB', hwm.split()[1], file=sys.stderr)\n"
     "sys.exit(code)\n"
 )
 

@@ -15,6 +15,7 @@ import ast
 import contextlib
 import io
 import logging
+import math
 import warnings
 from collections import Counter
 from pathlib import Path
@@ -27,13 +28,14 @@ from safetensors import safe_open
 
 from owl3.config import Owl3Config
 from owl3.errors import CheckpointError, Owl3Error
-from owl3.export.graphs import checkpoint_key, graph_module, trace_inputs
+from owl3.export.graphs import WRAPPER_PREFIX, checkpoint_key, graph_module, trace_inputs
 from owl3.export.specs import OPSET, GraphSpec, graph_specs
 from owl3.model.attention import fp32_islands
 from owl3.model.owl3 import Owl3Model
 from owl3.model.safetensors_files import CheckpointFiles
 
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+IR_TO_TORCH = {ir.DataType.FLOAT: torch.float32, ir.DataType.FLOAT16: torch.float16}
 _IN_FLIGHT_BYTES = 256 << 20  # bounds what onnx_ir.save holds in memory while streaming weights
 _ALIGNMENT = 1 << 16
 
@@ -43,7 +45,7 @@ class ExportError(Owl3Error):
 
 
 def trace_graph(name: str, config: Owl3Config, precision: str) -> ir.Model:
-    """Trace graph ``name`` on the meta device; initializers carry no data yet."""
+    """Trace graph ``name`` on the meta device in ``precision`` (fp32 | fp16); initializers carry no data yet."""
     spec = graph_specs(config, precision)[name]
     with torch.device("meta"):
         model = Owl3Model(config).to(TORCH_DTYPES[precision]).eval()
@@ -100,17 +102,21 @@ class CheckpointReader:
         return tensor.numpy()
 
 
-def bind_weights(model: ir.Model, reader: CheckpointReader, dtype: torch.dtype) -> int:
-    """Point every initializer at a lazy read of its checkpoint tensor; returns the bytes bound."""
+def bind_weights(model: ir.Model, reader: CheckpointReader) -> int:
+    """Point every traced initializer at a lazy read of its checkpoint tensor, in the initializer's dtype
+    (initializers a rewrite added, such as quantized weights, hold their values already); returns the bytes."""
     total = 0
     for name, value in list(model.graph.initializers.items()):
+        total += math.ceil(value.dtype.itemsize * math.prod(value.shape.numpy()))
+        if not name.startswith(WRAPPER_PREFIX):  # added by a rewrite, already holding its value
+            continue
         key = checkpoint_key(name)
+        dtype = IR_TO_TORCH[value.dtype]
 
-        def load(key: str = key) -> ir.TensorProtocol:
+        def load(key: str = key, dtype: torch.dtype = dtype) -> ir.TensorProtocol:
             return ir.tensor(reader.read(key, dtype), name=key)
 
         value.const_value = ir.LazyTensor(load, dtype=value.dtype, shape=value.shape, name=key)
-        total += value.dtype.itemsize * int(np.prod(value.shape.numpy()))
         value.name = key  # initializer names are checkpoint keys in the saved graph
     return total
 
@@ -144,24 +150,40 @@ def save_graph(model: ir.Model, spec: GraphSpec, directory: Path) -> Path:
 
 
 def check_graph(path: Path) -> int:
-    """Full ``onnx.checker`` check and strict shape inference; returns the model's IR version."""
+    """Full ``onnx.checker`` check and strict shape inference; returns the model's IR version. (ONNX has no
+    schema for ONNX Runtime's contrib operators: their graphs are checked, and run by validation.)"""
     try:
-        onnx.checker.check_model(str(path), full_check=True)
-        inferred = path.with_name(f".{path.name}.inferred")
-        onnx.shape_inference.infer_shapes_path(str(path), str(inferred), check_type=True, strict_mode=True)
-        inferred.unlink(missing_ok=True)
+        contrib = any(o.domain == "com.microsoft" for o in onnx.load(str(path), load_external_data=False).opset_import)
+        onnx.checker.check_model(str(path), full_check=not contrib)
+        if not contrib:
+            inferred = path.with_name(f".{path.name}.inferred")
+            onnx.shape_inference.infer_shapes_path(str(path), str(inferred), check_type=True, strict_mode=True)
+            inferred.unlink(missing_ok=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
         raise ExportError(f"exported graph fails ONNX checks: {exc}", where=str(path), fix="report this bug") from exc
     return onnx.load(str(path), load_external_data=False).ir_version
 
 
-def export_graph(name: str, config: Owl3Config, precision: str, reader: CheckpointReader, directory: Path) -> dict:
-    """Trace, bind, name, save and check one graph; returns its manifest entry."""
+def export_graph(
+    name: str, config: Owl3Config, precision: str, reader: CheckpointReader, directory: Path, rewrite=None
+) -> dict:
+    """Trace, name, (quantize,) bind, save and check one graph; returns its manifest entry.
+
+    ``precision`` is the float dtype the graph computes in; ``rewrite`` (``owl3.export.quantized``) turns the
+    packed Linears of a quantized checkpoint into integer weights before the float weights are bound."""
     spec = graph_specs(config, precision)[name]
     model = trace_graph(name, config, precision)
-    weight_bytes = bind_weights(model, reader, TORCH_DTYPES[precision])
     name_nodes_by_module(model)
+    quantized = rewrite(model) if rewrite is not None else None
+    weight_bytes = bind_weights(model, reader)
     path = save_graph(model, spec, directory)
     ir_version = check_graph(path)
     ops = Counter(node.op_type for node in model.graph)
-    return {**spec.signature(), "ir_version": ir_version, "weight_bytes": weight_bytes, "op_counts": dict(ops)}
+    entry = {**spec.signature(), "ir_version": ir_version, "weight_bytes": weight_bytes, "op_counts": dict(ops)}
+    if quantized is not None:
+        from owl3.export.quantized import check_quantized_graph, count_quantized_nodes
+
+        entry["quantized"] = {**quantized, "l0": count_quantized_nodes(path)}
+        w8a8 = any(rewrite.reader.layout.modules[m].activations for m in quantized["modules"])
+        check_quantized_graph(entry["quantized"], rewrite.flavour, w8a8, str(path))
+    return entry

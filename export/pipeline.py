@@ -18,20 +18,28 @@ from typing import Any
 from owl3.artifacts import check_free_disk, source_record, staged_output, tool_versions, write_manifest
 from owl3.config import Owl3Config
 from owl3.errors import GateFailure, ResourceError, UsageError
-from owl3.export.onnx_export import CheckpointReader, export_graph
+from owl3.export.onnx_export import TORCH_DTYPES, CheckpointReader, export_graph
 from owl3.export.specs import GRAPH_NAMES, OPSET, PRECISIONS, SCHEMA, SCHEMA_VERSION
 from owl3.model.safetensors_files import discover_checkpoint
-from owl3.model.weights import available_ram_bytes, check_against_table, count_parameters, read_eos_token_ids
+from owl3.model.weights import (
+    available_ram_bytes,
+    check_against_table,
+    count_parameters,
+    read_eos_token_ids,
+    read_quantization,
+)
 from owl3.tokenizer import load_tokenizer, token_id
 
 SIDE_FILES = (
     "config.json",
+    "quantize_config.json",
     "generation_config.json",
     "tokenizer.json",
     "tokenizer_config.json",
     "special_tokens_map.json",
 )
 _ITEMSIZE = {"fp32": 4, "fp16": 2}
+ACCURACY_LEVEL = 4  # MatMulNBits on CPU: int8 activations per block (bench/quantized_runtime.py measures 0 vs 4)
 
 Progress = Callable[[str], None]
 
@@ -39,22 +47,55 @@ Progress = Callable[[str], None]
 def export_model(
     model_dir: str | Path,
     output_dir: str | Path,
-    precision: str = "fp32",
+    precision: str | None = None,
     *,
+    target: str = "ort",
+    accuracy_level: int = ACCURACY_LEVEL,
     force: bool = False,
     validate: bool = True,
     progress: Progress | None = None,
 ) -> Path:
-    """Export ``model_dir`` (a Hugging Face checkpoint directory) to ``output_dir``; returns ``output_dir``."""
+    """Export ``model_dir`` (a Hugging Face checkpoint directory) to ``output_dir``; returns ``output_dir``.
+
+    A float checkpoint exports at ``precision`` (fp32 | fp16; default fp32). A GPTQ checkpoint written by
+    ``owl3-export quantize`` (or GPTQ-format elsewhere) exports its own precision (int4 | int8 | w8a8) in the
+    ``target`` flavour: ``ort`` (MatMulNBits, fp32 compute, ``accuracy_level``) or ``tensorrt`` (Q/DQ, fp16)."""
     say = progress or (lambda _message: None)
-    if precision not in PRECISIONS:
-        raise UsageError(f"precision {precision!r} is not exportable yet", where="--precision", fix=f"use {PRECISIONS}")
     model_dir, output = Path(model_dir), Path(output_dir)
     config = Owl3Config.from_hf_json(model_dir)
     files = discover_checkpoint(model_dir)
-    check_against_table(config, {n: (i.shape, i.dtype) for n, i in files.tensors.items()}, str(model_dir))
+    found = {n: (i.shape, i.dtype) for n, i in files.tensors.items()}
+    quantization = read_quantization(model_dir)
+    rewrite, quantized = None, None
+    if quantization is None:
+        precision = precision or "fp32"
+        if precision not in PRECISIONS:
+            raise UsageError(
+                f"precision {precision!r} needs a quantized checkpoint",
+                where="--precision",
+                fix=f"export {PRECISIONS} from float weights, or quantize first (owl3-export quantize) and export that",
+            )
+        check_against_table(config, found, str(model_dir))
+        compute = precision
+        weight_bytes = count_parameters(config) * _ITEMSIZE[precision]
+    else:
+        from owl3.export.quantized import Flavour, PackedReader, QuantizedRewrite
+        from owl3.quantize.loading import QuantizedLayout, checkpoint_identity
+
+        layout = QuantizedLayout.check(config, quantization, found, str(model_dir))
+        stored, variant, calibration = checkpoint_identity(model_dir, quantization)
+        if precision not in (None, stored):
+            raise UsageError(
+                f"{model_dir} is a {stored} checkpoint; it cannot be exported as {precision}",
+                where="--precision",
+                fix=f"omit --precision (a quantized checkpoint exports its own) or pass {stored}",
+            )
+        precision, flavour = stored, Flavour(target, accuracy_level)
+        compute = flavour.compute
+        rewrite = QuantizedRewrite(PackedReader(files, layout), flavour)
+        weight_bytes = layout.model_bytes(TORCH_DTYPES[compute])
+        quantized = {"precision": stored, "variant": variant, "calibration": calibration, **flavour.to_json()}
     tokenizer = load_tokenizer(model_dir)
-    weight_bytes = count_parameters(config) * _ITEMSIZE[precision]
     check_free_disk(output, int(weight_bytes * 1.1) + (64 << 20))
     if validate:
         _check_validation_memory(weight_bytes)
@@ -63,20 +104,23 @@ def export_model(
         graphs = {}
         for name in GRAPH_NAMES:
             started = time.perf_counter()
-            say(f"exporting the {name} graph ({precision})")
-            graphs[name] = export_graph(name, config, precision, reader, staging)
+            say(f"exporting the {name} graph ({precision}{f', {target} flavour' if rewrite else ''})")
+            graphs[name] = export_graph(name, config, compute, reader, staging, rewrite)
             say(f"exported {name}.onnx in {time.perf_counter() - started:.1f} s")
         for side in SIDE_FILES:
             if (model_dir / side).is_file():
                 shutil.copyfile(model_dir / side, staging / side)
-        validation = _validate(staging, model_dir, precision, say) if validate else None
+        validation = _validate(staging, model_dir, compute, quantized, say) if validate else None
         manifest = {
             "schema": SCHEMA,
             "schema_version": SCHEMA_VERSION,
             "status": "rejected" if validation and not validation["passed"] else "ok",
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "precision": precision,
-            "opset": OPSET,
+            "compute": compute,
+            "flavour": quantized["flavour"] if quantized else None,
+            "quantization": quantized,
+            "opset": rewrite.flavour.opset if rewrite else OPSET,
             "ir_version": max(g["ir_version"] for g in graphs.values()),
             "config": config.to_hf_dict(),
             "graphs": graphs,
@@ -111,12 +155,12 @@ def _check_validation_memory(weight_bytes: int) -> None:
         )
 
 
-def _validate(staging: Path, model_dir: Path, precision: str, say: Progress) -> dict[str, Any]:
+def _validate(staging: Path, model_dir: Path, compute: str, quantized: dict | None, say: Progress) -> dict[str, Any]:
     from owl3.export.verify import verify_export
 
     started = time.perf_counter()
-    say("validating every graph against the PyTorch reference")
-    result = verify_export(staging, model_dir, precision)
+    say("validating every graph against the PyTorch reference" + (" on the same checkpoint" if quantized else ""))
+    result = verify_export(staging, model_dir, compute, quantized)
     verdict = "passed" if result["passed"] else f"FAILED ({len(result['failures'])} checks)"
     say(f"validation {verdict} in {time.perf_counter() - started:.1f} s")
     return result

@@ -23,7 +23,8 @@ from dataclasses import dataclass
 from owl3.config import Owl3Config
 
 OPSET = 18  # >= 18: the ONNX Runtime 4-bit quantizer produces invalid models from opset-17 graphs
-PRECISIONS = ("fp32", "fp16")
+PRECISIONS = ("fp32", "fp16")  # float exports; quantized ones compute in one of these
+EXPORT_PRECISIONS = (*PRECISIONS, "int8", "int4", "w8a8")
 GRAPH_NAMES = ("vision", "visual_memory", "decoder")
 SCHEMA = "owl3-export/onnx"  # manifest kind of an export directory
 SCHEMA_VERSION = 1

@@ -22,7 +22,7 @@ from owl3.model.attention import fp32_islands
 from owl3.model.weights import load_model
 from owl3.processor import Owl3Processor
 from owl3.validate.compare import compare_distributions, compare_tensors
-from owl3.validate.gates import GATES
+from owl3.validate.gates import GATES, export_gate
 from owl3.validate.probes import validation_cases
 
 _TORCH = {"fp32": torch.float32, "fp16": torch.float16}
@@ -30,9 +30,13 @@ _NUMPY = {"fp32": np.float32, "fp16": np.float16}
 
 
 class _Graphs:
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, flavour: str | None) -> None:
+        from owl3.runtime.backend import session_config
+
         options = ort.SessionOptions()
         options.log_severity_level = 3
+        for key, value in session_config(flavour).items():
+            options.add_session_config_entry(key, value)
         self.sessions = {
             name: ort.InferenceSession(str(directory / f"{name}.onnx"), options, providers=["CPUExecutionProvider"])
             for name in ("vision", "visual_memory", "decoder")
@@ -43,12 +47,16 @@ class _Graphs:
         return dict(zip([o.name for o in session.get_outputs()], session.run(None, feeds), strict=True))
 
 
-def verify_export(directory: Path, model_dir: Path, precision: str) -> dict[str, Any]:
-    """Compare every graph with PyTorch; returns {"gate", "passed", "failures", "cases": {...}}."""
-    gate = GATES[f"onnx-{precision}"]
+def verify_export(
+    directory: Path, model_dir: Path, precision: str, quantized: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Compare every graph with PyTorch on the same checkpoint in the graphs' float ``precision``; returns
+    {"gate", "passed", "failures", "cases": {...}}. ``quantized``: the flavour record of a quantized export,
+    whose gate is ``export_gate`` (PyTorch computes with exactly the checkpoint's integers and scales)."""
+    gate = export_gate(quantized) if quantized else GATES[f"onnx-{precision}"]
     model = load_model(model_dir, dtype=_TORCH[precision])
     processor = Owl3Processor.from_pretrained(model_dir)
-    graphs = _Graphs(directory)
+    graphs = _Graphs(directory, quantized and quantized["flavour"])
     islands = fp32_islands() if precision != "fp32" else contextlib.nullcontext()
     cases, failures = {}, []
     with torch.inference_mode(), islands:

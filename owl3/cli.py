@@ -8,7 +8,8 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from owl3.errors import InvalidInputError, Owl3Error
+from owl3.errors import GateFailure, InvalidInputError, Owl3Error
+from owl3.export.cli import add_export_parser, cmd_export_stage
 from owl3.quantize.cli import add_quantize_parser, cmd_quantize
 from owl3.runtime.cli import add_prompt_options, add_run_parser, cmd_run, decoding_options
 from owl3.validate.cli import add_validate_parser, cmd_validate
@@ -18,11 +19,15 @@ pipeline (each step writes a directory with a manifest):
   checkpoint -> reference model -> quantize -> export ONNX -> build engine -> runtime -> validate -> report
 
 available in this version:
-  owl3-export --precision fp32|fp16 [--model DIR] [--output DIR]
-             export ONNX graphs (vision, visual memory, decoder with KV cache), validate them against
-             PyTorch and write a verified export directory (quantized export and engines come next)
+  owl3-export --precision fp32|fp16|int8|int4|w8a8 [--model DIR] [--output DIR] [--target ort|tensorrt|both]
+             the pipeline: (quantize ->) export ONNX graphs (vision, visual memory, decoder with KV cache),
+             validate each against PyTorch, and write one drift report (engine builds come next). Quantized
+             precisions write DIR-gptq (the checkpoint), DIR (ONNX Runtime flavour), DIR-trt (TensorRT
+             flavour, standard Q/DQ) and DIR-report
   quantize   GPTQ int4 / int8 / W8A8 with image+text calibration, into a GPTQ-format checkpoint
              (owl3-export quantize --precision int4 [--model DIR] [--calibration SRC] --output DIR)
+  export     one export from a float or a quantized checkpoint
+             (owl3-export export --model DIR [--target ort|tensorrt] --output DIR)
   run        answer a prompt from an export directory with the torch-free runtime (ONNX Runtime)
   validate   compare backends at every level (tensors, next-token, tasks) and write drift reports
   generate   run the PyTorch reference model on a prompt with images or a video, streaming the answer
@@ -47,7 +52,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     pipeline = parser.add_argument_group("the export pipeline (no command)")
-    pipeline.add_argument("--precision", choices=("fp32", "fp16"), help="export precision; runs the pipeline")
+    pipeline.add_argument(
+        "--precision", choices=("fp32", "fp16", "int8", "int4", "w8a8"), help="export precision; runs the pipeline"
+    )
+    pipeline.add_argument(
+        "--target", choices=("ort", "tensorrt", "both"), default="both",
+        help="quantized precisions: the ONNX Runtime flavour, the TensorRT flavour, or both (default)",
+    )  # fmt: skip
     pipeline.add_argument("--model", dest="pipeline_model", type=Path, help="checkpoint directory (default: demo)")
     pipeline.add_argument("--output", type=Path, help="export directory (default: exports/<model>-<precision>)")
     pipeline.add_argument("--force", action="store_true", help="replace an existing export directory of ours")
@@ -58,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     pipeline.add_argument("--limit", type=int, default=40, help="scoring units per benchmark in the drift report")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     add_quantize_parser(commands)
+    add_export_parser(commands)
     add_run_parser(commands)
     add_validate_parser(commands)
     _add_generate(commands)
@@ -115,26 +127,47 @@ def model_name(model_dir: Path) -> str:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    """export -> validate: the export directory, then a drift report directory beside it."""
+    """(quantize ->) export -> validate: each stage's directory, then one drift report beside them."""
     from owl3.export.pipeline import export_model
 
     model_dir = resolve_model_dir(args.pipeline_model)
     output = args.output or Path("exports") / f"{model_name(model_dir)}-{args.precision}"
     started = time.perf_counter()
     validate = not args.no_validate
-    export_model(model_dir, output, args.precision, force=args.force, validate=validate, progress=_note)
+    checkpoint, rejected = None, []
+    if args.precision in ("fp32", "fp16"):
+        exports = [output]
+        export_model(model_dir, output, args.precision, force=args.force, validate=validate, progress=_note)
+    else:
+        from owl3.quantize import CalibrationConfig, quantize_model, recipe
+
+        checkpoint = output.with_name(f"{output.name}-gptq")
+        _note(f"quantizing ({args.precision}, built-in calibration) -> {checkpoint}")
+        quantize_model(model_dir, checkpoint, recipe(args.precision), CalibrationConfig(), force=args.force,
+                       progress=_note)  # fmt: skip
+        targets = ("ort", "tensorrt") if args.target == "both" else (args.target,)
+        exports = [output if t == "ort" else output.with_name(f"{output.name}-trt") for t in targets]
+        for target, directory in zip(targets, exports, strict=True):
+            _note(f"exporting the {target} flavour -> {directory}")
+            try:
+                export_model(checkpoint, directory, target=target, force=args.force, validate=validate, progress=_note)
+            except GateFailure as exc:  # kept and marked rejected; the drift report still shows it
+                _note(f"error: {exc.one_line()}")
+                rejected.append(exc)
     if validate:
         from owl3.validate.run import validate_export
 
         report = output.with_name(f"{output.name}-report")
-        _note(f"drift report: PyTorch fp32 vs the ONNX export{'s' if args.precision != 'fp32' else ''} -> {report}")
+        _note(f"drift report: PyTorch fp32 vs {', '.join(str(e) for e in exports)} -> {report}")
         validate_export(
-            model_dir, output, args.precision, report, benchmark_specs=args.benchmark,
+            model_dir, exports, args.precision, report, checkpoint=checkpoint, benchmark_specs=args.benchmark,
             synthetic=args.pipeline_model is None, limit=args.limit, force=args.force, progress=_note,
         )  # fmt: skip
         _note(f"report: {report / 'index.md'}")
-    _note(f"done in {time.perf_counter() - started:.1f} s; try: owl3-export run --export {output}")
-    print(output)
+    if rejected:
+        raise rejected[0]
+    _note(f"done in {time.perf_counter() - started:.1f} s; try: owl3-export run --export {exports[0]}")
+    print("\n".join(str(e) for e in exports))
     return 0
 
 
@@ -227,6 +260,7 @@ def _note(message: str) -> None:
 
 
 COMMANDS = {
+    "export": cmd_export_stage,
     "generate": cmd_generate,
     "info": cmd_info,
     "quantize": cmd_quantize,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -184,3 +185,16 @@ def check_loaded(model: Owl3Model) -> None:
                 bad.append(f"{name}.g_idx (values outside 0..{groups - 1})")
     if bad:
         raise CheckpointError(f"invalid group indices: {short_list(bad)}", where="quantized checkpoint", fix=FIX)
+
+
+def checkpoint_identity(model_dir: Path, quantization: QuantizationConfig) -> tuple[str, str, dict[str, Any] | None]:
+    """(precision class, variant name, calibration record) of a quantized checkpoint: from the quantizer's
+    manifest when it has one, else from its quantization_config alone (a checkpoint made elsewhere)."""
+    from owl3.artifacts import ArtifactError, read_manifest
+
+    try:
+        manifest = read_manifest(model_dir, schema="owl3-export/gptq")
+    except ArtifactError:
+        precision = "w8a8" if quantization.activation_scheme == "static" else f"int{quantization.bits}"
+        return precision, precision, None
+    return manifest["precision"], manifest["variant"], manifest.get("calibration")

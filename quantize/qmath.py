@@ -205,6 +205,7 @@ def activation_scale(absmax: float) -> float:
 
 
 def fake_quantize_int8(x: Tensor, scale: Tensor) -> Tensor:
-    """Symmetric per-tensor INT8 quantize-dequantize of activations (QuantizeLinear -> DequantizeLinear)."""
-    scale = scale.to(x.dtype)
-    return torch.clamp(torch.round(x / scale), -128, 127) * scale
+    """Symmetric per-tensor INT8 quantize-dequantize of activations (QuantizeLinear -> DequantizeLinear), as
+    ONNX Runtime computes it: the scale rounded to x's dtype, the division and rounding in float32."""
+    scale = scale.to(x.dtype).float()
+    return (torch.clamp(torch.round(x.float() / scale), -128, 127) * scale).to(x.dtype)

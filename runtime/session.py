@@ -26,6 +26,9 @@ from owl3.artifacts import ArtifactError
 from owl3.config import Owl3Config
 from owl3.errors import PromptError
 from owl3.export.specs import (
+    EXPORT_PRECISIONS as PRECISIONS,
+)
+from owl3.export.specs import (
     float_dtype,
     graph_specs,
     past_key,
@@ -90,10 +93,16 @@ class Owl3Session:
 
     # ---- loading ----------------------------------------------------------------------------------
     def _check_graph_specs(self) -> None:
-        if self.precision not in ("fp32", "fp16"):
-            raise ArtifactError(f"unknown precision {self.precision!r}", where="manifest.json", fix="export again")
-        self._specs = graph_specs(self.config, self.precision)
-        self._float = np.dtype(float_dtype(self.precision))
+        self.compute: str = self.manifest.get("compute") or self.precision  # the graphs' float dtype
+        self.flavour: str | None = self.manifest.get("flavour")
+        if self.precision not in PRECISIONS or self.compute not in ("fp32", "fp16"):
+            raise ArtifactError(
+                f"unknown precision {self.precision!r} / compute {self.compute!r}",
+                where=str(self.export_dir / "manifest.json"),
+                fix="export again with this version of owl3-export",
+            )
+        self._specs = graph_specs(self.config, self.compute)
+        self._float = np.dtype(float_dtype(self.compute))
         graphs = self.manifest.get("graphs", {})
         wrong = [name for name, spec in self._specs.items() if not same_signature(graphs.get(name), spec.signature())]
         if wrong or set(graphs) != set(self._specs):
@@ -379,4 +388,6 @@ class Owl3Session:
         return request, self._steps(request, timings, started)
 
     def __repr__(self) -> str:
-        return f"Owl3Session({str(self.export_dir)!r}, precision={self.precision}, providers={list(self.providers)})"
+        flavour = f", flavour={self.flavour}" if self.flavour else ""
+        providers = list(self.providers)
+        return f"Owl3Session({str(self.export_dir)!r}, precision={self.precision}{flavour}, providers={providers})"

@@ -200,7 +200,7 @@ def test_export_refuses_a_bad_checkpoint_before_heavy_work(tmp_path: Path, demo_
     with pytest.raises(TokenizerError, match=r"tokenizer\.json"):
         export_model(broken, tmp_path / "never", "fp32")
     assert not (tmp_path / "never").exists()
-    with pytest.raises(UsageError, match="not exportable yet"):
+    with pytest.raises(UsageError, match="needs a quantized checkpoint"):
         export_model(demo_model_dir, tmp_path / "never", "int4")
 
 

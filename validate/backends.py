@@ -55,7 +55,9 @@ class PyTorchBackend:
         self.precision, variant, self.calibration = compute, compute, None
         quantization = getattr(self.model, "quantization", None)
         if quantization is not None:
-            self.precision, variant, self.calibration = quantized_identity(self.model_dir, quantization)
+            from owl3.quantize.loading import checkpoint_identity
+
+            self.precision, variant, self.calibration = checkpoint_identity(self.model_dir, quantization)
             variant += "" if compute == "fp32" else f"-{compute}"
         self.name = f"pytorch-{variant}"
 
@@ -117,8 +119,11 @@ class OnnxBackend:
 
         self.session = Owl3Session(export_dir, provider, allow_rejected=True)
         self.precision = self.session.precision
-        self.name = f"onnx-{self.precision}"
         self.manifest = self.session.manifest
+        quantized = self.manifest.get("quantization") or {}
+        self.calibration = quantized.get("calibration")  # the quantized checkpoint's, for the overlap check
+        flavour = {"ort": "", "tensorrt": "-trt"}.get(self.session.flavour or "ort", "")
+        self.name = f"onnx-{quantized.get('variant', self.precision)}{flavour}"
 
     def trace(self, inputs: Inputs) -> dict[str, np.ndarray]:
         out = self.session.trace(inputs["input_ids"], inputs.get("pixel_values"), inputs["media_offset"])
@@ -129,19 +134,6 @@ class OnnxBackend:
             inputs["input_ids"], inputs.get("pixel_values"), inputs["media_offset"], max_new_tokens=max_new_tokens
         )
         return [int(t) for t in tokens[0]]
-
-
-def quantized_identity(model_dir: Path, quantization: Any) -> tuple[str, str, dict[str, Any] | None]:
-    """(precision class, variant name, calibration record) of a quantized checkpoint: from the quantizer's
-    manifest when it has one, else from its quantization_config alone (a checkpoint made elsewhere)."""
-    from owl3.artifacts import ArtifactError, read_manifest
-
-    try:
-        manifest = read_manifest(model_dir, schema="owl3-export/gptq")
-    except ArtifactError:
-        precision = "w8a8" if quantization.activation_scheme == "static" else f"int{quantization.bits}"
-        return precision, precision, None
-    return manifest["precision"], manifest["variant"], manifest.get("calibration")
 
 
 def open_backend(spec: str) -> Backend:

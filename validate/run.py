@@ -68,8 +68,37 @@ def write_reports(directory: Path, reports: dict[str, dict[str, Any]]) -> list[s
         lines.append(
             f"| [{name}]({name}/report.html) | {reference} | {header['verdict']} | {len(header['failures'])} |"
         )
+    lines += ["", *side_by_side(reports)]
     (directory / "index.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     return failures
+
+
+def side_by_side(reports: dict[str, dict[str, Any]]) -> list[str]:
+    """Every arm against the same reference in one table: L1 worst cosine, L2 KL and top-1 per probe set,
+    L3 task deltas with their 95% CIs, and distractor accuracy at the largest distractor count."""
+    if not reports:
+        return []
+    first = next(iter(reports.values()))["levels"]
+    probes = list(first.get("distribution", {}))
+    tasks = list(first.get("tasks", {}))
+    head = ["arm", "min cosine (L1)", *(f"KL / top-1 {p}" for p in probes), *(f"{t} delta [95% CI]" for t in tasks)]
+    head.append("distractors (most)")
+    lines = ["## Side by side (each arm vs the same reference)", "", "| " + " | ".join(head) + " |",
+             "|" + "---|" * len(head)]  # fmt: skip
+    for name, report in reports.items():
+        levels = report["levels"]
+        cosines = [t["cosine"] for t in levels.get("tensors", [])]
+        cells = [name, f"{min(cosines):.6f}" if cosines else "-"]
+        for probe in probes:
+            d = levels.get("distribution", {}).get(probe)
+            cells.append(f"{d['kl_mean']:.2e} / {100 * d['top1_agreement']:.1f}%" if d else "-")
+        for task in tasks:
+            t = levels.get("tasks", {}).get(task, {}).get("delta")
+            cells.append(f"{100 * t['delta']:+.1f} [{100 * t['ci_low']:+.1f}, {100 * t['ci_high']:+.1f}]" if t else "-")
+        curve = levels.get("distractors", {}).get(name) or []
+        cells.append(f"{100 * curve[-1][1]:.0f}% at {curve[-1][0]}" if curve else "-")
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
 
 
 def run_validation(
@@ -124,27 +153,34 @@ def run_validation(
 
 def validate_export(
     model_dir: Path,
-    export_dir: Path,
+    export_dirs: Path | Sequence[Path],
     precision: str,
     output: Path,
     *,
+    checkpoint: Path | None = None,
     benchmark_specs: Sequence[str] = (),
     synthetic: bool = False,
     limit: int | None = 100,
     force: bool = False,
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """The pipeline's validation stage: PyTorch fp32 as the reference, the export, and (for a reduced
-    precision) an fp32 ONNX export as a second candidate, exported to a temporary directory here."""
+    """The pipeline's validation stage: PyTorch fp32 on ``model_dir`` as the reference against the exports,
+    side by side with a float ONNX baseline exported to a temporary directory here (fp32 for fp16; fp16 for a
+    quantized precision, whose ``checkpoint`` also runs as the quantized PyTorch arm)."""
     import tempfile
 
     from owl3.export.pipeline import export_model
 
-    candidates = [f"onnx:{export_dir}"]
+    exports = [Path(export_dirs)] if isinstance(export_dirs, (str, Path)) else [Path(d) for d in export_dirs]
+    baselines = {"fp32": [], "fp16": ["fp32"]}.get(precision, ["fp16"])  # PyTorch fp32 is the reference
     with tempfile.TemporaryDirectory(prefix=".owl3-baseline-", dir=Path(output).parent) as scratch:
-        if precision != "fp32":
-            baseline = export_model(model_dir, Path(scratch) / "fp32", "fp32", validate=False, progress=progress)
-            candidates.insert(0, f"onnx:{baseline}")
+        candidates = []
+        for baseline in baselines:
+            candidates.append(
+                f"onnx:{export_model(model_dir, Path(scratch) / baseline, baseline, validate=False, progress=progress)}"
+            )
+        candidates += [f"pytorch:{checkpoint}"] if checkpoint is not None else []
+        candidates += [f"onnx:{d}" for d in exports]
         runs = []
         if synthetic:
             from owl3.validate.synthetic_runs import synthetic_runs

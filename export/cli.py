@@ -1,0 +1,52 @@
+"""``owl3-export export``: a thin wrapper of ``owl3.export.pipeline.export_model`` (one graph set, one flavour)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+EXPORT_HELP = "export a float or a quantized (GPTQ) checkpoint to ONNX graphs, validated against PyTorch"
+
+
+def add_export_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    from owl3.export.pipeline import ACCURACY_LEVEL
+    from owl3.export.quantized import ACCURACY_LEVELS, FLAVOURS
+    from owl3.export.specs import PRECISIONS
+
+    parser = subparsers.add_parser("export", help=EXPORT_HELP, description=EXPORT_HELP + ".")
+    parser.add_argument("--model", type=Path, help="checkpoint directory: float, or written by 'owl3-export quantize'")
+    parser.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        help="float checkpoints: fp32 (default) or fp16; a quantized one exports its own",
+    )
+    parser.add_argument(
+        "--target", choices=FLAVOURS, default="ort",
+        help="quantized checkpoints: ort (MatMulNBits, fp32 compute) or tensorrt (standard Q/DQ, fp16; opset 21)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--accuracy-level", type=int, choices=ACCURACY_LEVELS, default=ACCURACY_LEVEL,
+        help=f"ort flavour: MatMulNBits accuracy_level (0 exact fp32, 4 int8 activations; default {ACCURACY_LEVEL})",
+    )  # fmt: skip
+    parser.add_argument("--output", type=Path, required=True, help="export directory")
+    parser.add_argument("--no-validate", action="store_true", help="skip the comparison with PyTorch")
+    parser.add_argument("--force", action="store_true", help="replace an existing export directory of ours")
+    return parser
+
+
+def cmd_export_stage(args: argparse.Namespace) -> int:
+    from owl3.cli import resolve_model_dir
+    from owl3.export.pipeline import export_model
+
+    model_dir = resolve_model_dir(args.model)
+    export_model(
+        model_dir, args.output, args.precision, target=args.target, accuracy_level=args.accuracy_level,
+        force=args.force, validate=not args.no_validate, progress=_note,
+    )  # fmt: skip
+    print(args.output)
+    return 0
+
+
+def _note(message: str) -> None:
+    print(f"owl3-export: {message}", file=sys.stderr)
