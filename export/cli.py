@@ -10,9 +10,7 @@ EXPORT_HELP = "export a float or a quantized (GPTQ) checkpoint to ONNX graphs, v
 
 
 def add_export_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    from owl3.export.pipeline import ACCURACY_LEVEL
-    from owl3.export.quantized import ACCURACY_LEVELS, FLAVOURS
-    from owl3.export.specs import PRECISIONS
+    from owl3.export.specs import ACCURACY_LEVEL, ACCURACY_LEVELS, FLAVOURS, PRECISIONS
 
     parser = subparsers.add_parser("export", help=EXPORT_HELP, description=EXPORT_HELP + ".")
     parser.add_argument("--model", type=Path, help="checkpoint directory: float, or written by 'owl3-export quantize'")

@@ -19,7 +19,7 @@ from owl3.artifacts import check_free_disk, source_record, staged_output, tool_v
 from owl3.config import Owl3Config
 from owl3.errors import GateFailure, ResourceError, UsageError
 from owl3.export.onnx_export import TORCH_DTYPES, CheckpointReader, export_graph
-from owl3.export.specs import GRAPH_NAMES, OPSET, PRECISIONS, SCHEMA, SCHEMA_VERSION
+from owl3.export.specs import ACCURACY_LEVEL, GRAPH_NAMES, OPSET, PRECISIONS, SCHEMA, SCHEMA_VERSION
 from owl3.model.safetensors_files import discover_checkpoint
 from owl3.model.weights import (
     available_ram_bytes,
@@ -39,7 +39,6 @@ SIDE_FILES = (
     "special_tokens_map.json",
 )
 _ITEMSIZE = {"fp32": 4, "fp16": 2}
-ACCURACY_LEVEL = 4  # MatMulNBits on CPU: int8 activations per block (bench/quantized_runtime.py measures 0 vs 4)
 
 Progress = Callable[[str], None]
 

@@ -36,15 +36,14 @@ from safetensors import safe_open
 
 from owl3.errors import CheckpointError, UsageError
 from owl3.export.graphs import WRAPPER_PREFIX
+from owl3.export.specs import ACCURACY_LEVELS, FLAVOURS
 from owl3.model.safetensors_files import CheckpointFiles
 from owl3.quantize.gptq_format import GPTQ_V1, LM_HEAD
 from owl3.quantize.loading import PackedModule, QuantizedLayout
 from owl3.quantize.qmath import contiguous_g_idx, symmetric_zero, unpack_cols, unpack_rows
 
-FLAVOURS = ("ort", "tensorrt")
 COMPUTE = {"ort": "fp32", "tensorrt": "fp16"}  # the float dtype each flavour's graphs compute in
 OPSETS = {"ort": 18, "tensorrt": 21}  # INT4 tensors and blocked DequantizeLinear need opset 21
-ACCURACY_LEVELS = (0, 4)
 MS_DOMAIN = "com.microsoft"
 # Float weights the ORT flavour stores in fp16 although it computes in fp32 (the decoder's largest tensors).
 FP16_STORED = ("language_model.model.embed_tokens.weight", f"{LM_HEAD}.weight")

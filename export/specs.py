@@ -25,6 +25,9 @@ from owl3.config import Owl3Config
 OPSET = 18  # >= 18: the ONNX Runtime 4-bit quantizer produces invalid models from opset-17 graphs
 PRECISIONS = ("fp32", "fp16")  # float exports; quantized ones compute in one of these
 EXPORT_PRECISIONS = (*PRECISIONS, "int8", "int4", "w8a8")
+FLAVOURS = ("ort", "tensorrt")  # quantized exports: ONNX Runtime (MatMulNBits) or TensorRT (standard Q/DQ)
+ACCURACY_LEVELS = (0, 4)  # MatMulNBits: 0 exact fp32 math, 4 int8 activations per block
+ACCURACY_LEVEL = 4  # the default, by measurement (README "Quantized export")
 GRAPH_NAMES = ("vision", "visual_memory", "decoder")
 SCHEMA = "owl3-export/onnx"  # manifest kind of an export directory
 SCHEMA_VERSION = 1

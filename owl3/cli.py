@@ -8,7 +8,7 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from owl3.errors import GateFailure, InvalidInputError, Owl3Error
+from owl3.errors import EnvironmentProblem, GateFailure, InvalidInputError, Owl3Error
 from owl3.export.cli import add_export_parser, cmd_export_stage
 from owl3.quantize.cli import add_quantize_parser, cmd_quantize
 from owl3.runtime.cli import add_prompt_options, add_run_parser, cmd_run, decoding_options
@@ -269,6 +269,23 @@ COMMANDS = {
 }
 
 
+# Packages of the export, quantize and validate stages: a runtime-only install (pip install owl3-export[cpu])
+# lacks them, and only `run` works there.
+STAGE_PACKAGES = frozenset({"torch", "safetensors", "onnx", "onnxscript", "onnx_ir", "ml_dtypes"})
+
+
+def missing_stage_dependency(exc: ModuleNotFoundError, command: str | None) -> EnvironmentProblem | None:
+    """The error for a stage command run where only the runtime is installed (None: another missing module)."""
+    missing = (exc.name or "").split(".")[0]
+    if missing not in STAGE_PACKAGES:
+        return None
+    return EnvironmentProblem(
+        f"'{command or '--precision'}' needs {missing}, which this runtime-only install lacks",
+        where="owl3-export",
+        fix="pip install 'owl3-export[export,cpu]' (only 'owl3-export run' works with the runtime alone)",
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     try:
@@ -285,6 +302,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"owl3-export: error: {exc.one_line()}", file=sys.stderr)
         return exc.exit_code
+    except ModuleNotFoundError as exc:
+        problem = missing_stage_dependency(exc, args.command)
+        if problem is None or args.debug:
+            raise
+        print(f"owl3-export: error: {problem.one_line()}", file=sys.stderr)
+        return problem.exit_code
     except KeyboardInterrupt:
         print("owl3-export: interrupted", file=sys.stderr)
         return 130

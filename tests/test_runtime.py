@@ -463,3 +463,31 @@ def test_the_runtime_generates_in_a_process_where_torch_cannot_be_imported(expor
         """
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
+
+
+def test_a_runtime_only_install_runs_and_stage_commands_say_what_to_install(exported) -> None:
+    """Every stage package blocked (what `pip install owl3-export[cpu]` lacks): `owl3-export run` answers, and
+    each command that needs the other stages exits 4 with the install line instead of a traceback."""
+    code = textwrap.dedent(
+        f"""
+        import sys
+        from owl3.cli import STAGE_PACKAGES
+        class RuntimeOnly:
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] in STAGE_PACKAGES:
+                    raise ModuleNotFoundError(f"No module named {{name!r}}", name=name)
+        sys.meta_path.insert(0, RuntimeOnly())
+        from owl3.cli import main
+        assert main(["run", "--export", {str(exported[1])!r}, "--max-new-tokens", "3"]) == 0
+        for argv in (["info"], ["generate"], ["quantize", "--precision", "int4"], ["--precision", "fp16"],
+                     ["export", "--output", "never"], ["validate", "--candidate", "onnx:never"]):
+            assert main(argv) == 4, argv
+        assert not STAGE_PACKAGES & set(m.split(".")[0] for m in sys.modules)
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-2000:]
+    errors = [line for line in done.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 6
+    assert all("runtime-only install" in e and "pip install 'owl3-export[export,cpu]'" in e for e in errors)
+    assert "Traceback" not in done.stderr
