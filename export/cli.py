@@ -33,6 +33,28 @@ def add_export_parser(subparsers: argparse._SubParsersAction) -> argparse.Argume
     return parser
 
 
+CHECK_HELP = "report what the TensorRT ONNX parser (10.3, 11.1) would reject in an export's graphs, per node"
+
+
+def add_check_trt_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser("check-trt", help=CHECK_HELP, description=CHECK_HELP + ".")
+    parser.add_argument("export", type=Path, help="export directory (or any folder of .onnx graphs)")
+    parser.add_argument("--trt-version", nargs="*", default=["10.3", "11.1"], help="support tables to check against")
+    parser.add_argument("--json", type=Path, help="write the full report here")
+    return parser
+
+
+def cmd_check_trt(args: argparse.Namespace) -> int:
+    """Exit 0 when every graph passes for every version asked, 3 when a graph would be rejected."""
+    from owl3.export.trt_check import check_export, format_report, write_report
+
+    report = check_export(args.export, tuple(args.trt_version))
+    print(format_report(report))
+    if args.json:
+        write_report(report, args.json)
+    return 0 if all(result["ready"] for result in report.values()) else 3
+
+
 def cmd_export_stage(args: argparse.Namespace) -> int:
     from owl3.cli import resolve_model_dir
     from owl3.export.pipeline import export_model

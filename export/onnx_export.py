@@ -134,6 +134,67 @@ def name_nodes_by_module(model: ir.Model) -> None:
         counts[key] += 1
 
 
+def _reshape(data: np.ndarray, shape: np.ndarray, allowzero: int = 0) -> np.ndarray:
+    dims = [int(d) if d != 0 or allowzero else data.shape[i] for i, d in enumerate(shape)]
+    return data.reshape(dims)
+
+
+def _unsqueeze(data: np.ndarray, axes: np.ndarray) -> np.ndarray:
+    rank = data.ndim + len(axes)
+    for axis in sorted(int(a) % rank for a in axes):
+        data = np.expand_dims(data, axis)
+    return data
+
+
+_FOLD = {
+    "Reshape": lambda inputs, a: _reshape(inputs[0], inputs[1], a.get("allowzero", 0)),
+    "Concat": lambda inputs, a: np.concatenate(inputs, axis=a["axis"]),
+    "Unsqueeze": lambda inputs, a: _unsqueeze(inputs[0], inputs[1]),
+    "Squeeze": lambda inputs, a: np.squeeze(inputs[0], axis=tuple(int(x) for x in inputs[1]) if inputs[1:] else None),
+    "Cast": lambda inputs, a: inputs[0].astype(ir.DataType(a["to"]).numpy()),
+    "Identity": lambda inputs, a: inputs[0],
+}
+_FOLD_MAX_ELEMENTS = 1024  # index arithmetic only: weights are never folded (nor read)
+
+
+def _constant_value(node: ir.Node | None) -> np.ndarray | None:
+    """The value of a Constant node (``value`` or the ``value_int(s)`` / ``value_float(s)`` forms), else None."""
+    if node is None or node.op_type != "Constant" or len(node.attributes) != 1:
+        return None
+    name, attribute = next(iter(node.attributes.items()))
+    if name == "value":
+        return attribute.value.numpy()
+    kinds = {"value_int": np.int64, "value_ints": np.int64, "value_float": np.float32, "value_floats": np.float32}
+    return np.asarray(attribute.value, dtype=kinds[name]) if name in kinds else None
+
+
+def fold_constant_subgraphs(model: ir.Model) -> int:
+    """Replace small computations on Constant nodes (a Reshape of two Constants giving ReduceMean's axes, ...)
+    by one Constant, as TensorRT needs such inputs constant; returns how many nodes were folded."""
+    folded = 0
+    for node in list(model.graph):
+        if node.op_type not in _FOLD or node.domain not in ("", "ai.onnx") or len(node.outputs) != 1:
+            continue
+        producers = [value.producer() if value is not None else None for value in node.inputs]
+        inputs = [_constant_value(p) for p in producers]
+        if any(x is None for x in inputs):
+            continue
+        if any(x.size > _FOLD_MAX_ELEMENTS for x in inputs) or node.outputs[0].is_graph_output():
+            continue
+        attributes = {name: attr.value for name, attr in node.attributes.items()}
+        result = np.asarray(_FOLD[node.op_type](inputs, attributes))
+        constant = ir.node("Constant", [], {"value": ir.tensor(result)}, name=f"{node.name}/folded")
+        constant.outputs[0].name = f"{node.outputs[0].name}_folded"
+        model.graph.insert_before(node, constant)
+        ir.convenience.replace_all_uses_with(node.outputs[0], constant.outputs[0])
+        model.graph.remove(node, safe=True)
+        for producer in producers:
+            if not any(output.uses() for output in producer.outputs):
+                model.graph.remove(producer, safe=True)
+        folded += 1
+    return folded
+
+
 def save_graph(model: ir.Model, spec: GraphSpec, directory: Path) -> Path:
     """Write ``<name>.onnx`` and its external data ``<name>.onnx.data`` into ``directory``."""
     model.producer_name = "owl3-export"
@@ -174,12 +235,14 @@ def export_graph(
     spec = graph_specs(config, precision)[name]
     model = trace_graph(name, config, precision)
     name_nodes_by_module(model)
+    fold_constant_subgraphs(model)
     quantized = rewrite(model) if rewrite is not None else None
     weight_bytes = bind_weights(model, reader)
     path = save_graph(model, spec, directory)
     ir_version = check_graph(path)
     ops = Counter(node.op_type for node in model.graph)
-    entry = {**spec.signature(), "ir_version": ir_version, "weight_bytes": weight_bytes, "op_counts": dict(ops)}
+    entry = {**spec.signature(), "ir_version": ir_version, "opset": model.opset_imports[""],
+             "weight_bytes": weight_bytes, "op_counts": dict(ops)}  # fmt: skip
     if quantized is not None:
         from owl3.export.quantized import check_quantized_graph, count_quantized_nodes
 

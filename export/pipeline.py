@@ -19,7 +19,7 @@ from owl3.artifacts import check_free_disk, source_record, staged_output, tool_v
 from owl3.config import Owl3Config
 from owl3.errors import GateFailure, ResourceError, UsageError
 from owl3.export.onnx_export import TORCH_DTYPES, CheckpointReader, export_graph
-from owl3.export.specs import ACCURACY_LEVEL, GRAPH_NAMES, OPSET, PRECISIONS, SCHEMA, SCHEMA_VERSION
+from owl3.export.specs import ACCURACY_LEVEL, GRAPH_NAMES, PRECISIONS, SCHEMA, SCHEMA_VERSION
 from owl3.model.safetensors_files import discover_checkpoint
 from owl3.model.weights import (
     available_ram_bytes,
@@ -106,6 +106,7 @@ def export_model(
             say(f"exporting the {name} graph ({precision}{f', {target} flavour' if rewrite else ''})")
             graphs[name] = export_graph(name, config, compute, reader, staging, rewrite)
             say(f"exported {name}.onnx in {time.perf_counter() - started:.1f} s")
+        readiness = _tensorrt_readiness(staging, rewrite.flavour.name if rewrite else None, say)
         for side in SIDE_FILES:
             if (model_dir / side).is_file():
                 shutil.copyfile(model_dir / side, staging / side)
@@ -119,7 +120,7 @@ def export_model(
             "compute": compute,
             "flavour": quantized["flavour"] if quantized else None,
             "quantization": quantized,
-            "opset": rewrite.flavour.opset if rewrite else OPSET,
+            "opset": max(g["opset"] for g in graphs.values()),
             "ir_version": max(g["ir_version"] for g in graphs.values()),
             "config": config.to_hf_dict(),
             "graphs": graphs,
@@ -131,6 +132,7 @@ def export_model(
             "source": source_record(model_dir),
             "tools": tool_versions(),
             "validation": validation,
+            "tensorrt_readiness": readiness,
         }
         write_manifest(staging, manifest)
     if validation and not validation["passed"]:
@@ -141,6 +143,25 @@ def export_model(
         )
     say(f"wrote {output}")
     return output
+
+
+def _tensorrt_readiness(staging: Path, flavour: str | None, say: Progress) -> dict[str, Any] | None:
+    """What the TensorRT 10.3 and 11.1 parsers would reject (``owl3.export.trt_check``); the TensorRT flavour
+    must pass for 10.3 (anything it finds is a bug here), float exports record it (ORT's flavour is not for it)."""
+    if flavour == "ort":
+        return None
+    from owl3.export.onnx_export import ExportError
+    from owl3.export.trt_check import check_export, format_report
+
+    report = check_export(staging, ("10.3", "11.1"))
+    say("TensorRT readiness: " + ", ".join(f"{v} {'ready' if r['ready'] else 'NOT ready'}" for v, r in report.items()))
+    if flavour == "tensorrt" and not report["10.3"]["ready"]:
+        raise ExportError(
+            "the TensorRT-flavour graphs fail the TensorRT 10.3 readiness check:\n" + format_report(report),
+            where=str(staging),
+            fix="report this bug",
+        )
+    return report
 
 
 def _check_validation_memory(weight_bytes: int) -> None:

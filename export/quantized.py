@@ -43,7 +43,7 @@ from owl3.quantize.loading import PackedModule, QuantizedLayout
 from owl3.quantize.qmath import contiguous_g_idx, symmetric_zero, unpack_cols, unpack_rows
 
 COMPUTE = {"ort": "fp32", "tensorrt": "fp16"}  # the float dtype each flavour's graphs compute in
-OPSETS = {"ort": 18, "tensorrt": 21}  # INT4 tensors and blocked DequantizeLinear need opset 21
+INT4_OPSET = 21  # INT4 tensors and blocked DequantizeLinear; other graphs keep the exporter's opset
 MS_DOMAIN = "com.microsoft"
 # Float weights the ORT flavour stores in fp16 although it computes in fp32 (the decoder's largest tensors).
 FP16_STORED = ("language_model.model.embed_tokens.weight", f"{LM_HEAD}.weight")
@@ -72,10 +72,6 @@ class Flavour:
     @property
     def compute(self) -> str:
         return COMPUTE[self.name]
-
-    @property
-    def opset(self) -> int:
-        return OPSETS[self.name]
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"flavour": self.name, "compute": self.compute}
@@ -218,7 +214,6 @@ class QuantizedRewrite:
     def __call__(self, model: ir.Model) -> dict[str, Any]:
         graph = model.graph
         self.counts, self.modules = Counter(), []
-        model.opset_imports[""] = self.flavour.opset
         for module, spec in self.reader.layout.modules.items():
             value = graph.initializers.get(f"{WRAPPER_PREFIX}{module}.weight")
             if value is not None:
@@ -230,6 +225,8 @@ class QuantizedRewrite:
                     self._store_fp16(graph, value)
         if any(node.domain == MS_DOMAIN for node in graph):
             model.opset_imports[MS_DOMAIN] = 1
+        if any(v.dtype == ir.DataType.INT4 for v in graph.initializers.values()):
+            model.opset_imports[""] = INT4_OPSET
         return {"modules": list(self.modules), "inserted": dict(self.counts)}
 
     def _integers(self, module: str) -> IntegerWeight:

@@ -154,6 +154,9 @@ def test_tensorrt_flavour_is_standard_qdq_at_opset_21(int4_exports, demo_int4) -
     directory = int4_exports["trt"]
     manifest = json.loads((directory / "manifest.json").read_text())
     assert (manifest["compute"], manifest["flavour"], manifest["opset"]) == ("fp16", "tensorrt", 21)
+    assert manifest["graphs"]["vision"]["opset"] == 18  # no INT4 there: the lowest opset that carries it
+    assert manifest["tensorrt_readiness"]["10.3"]["ready"] and manifest["tensorrt_readiness"]["11.1"]["ready"]
+    assert json.loads((int4_exports["ort0"] / "manifest.json").read_text())["tensorrt_readiness"] is None
     total = 0
     for name in ("visual_memory", "decoder"):
         graph = _graph(directory / f"{name}.onnx")

@@ -76,7 +76,9 @@ class HyperAttention(Qwen2Attention):
             raise ValueError("visual memory given without visible_images")
         b, length, _ = ctx.shape
         k_vis, v_vis = visual
-        key_image = torch.arange(k_vis.shape[2], device=ctx.device) // self.image_tokens  # [M]
+        # Truncating division (the keys are non-negative): floor division would export as Div plus a sign
+        # fix-up comparing booleans with Equal, which TensorRT's parser rejects.
+        key_image = torch.div(torch.arange(k_vis.shape[2], device=ctx.device), self.image_tokens, rounding_mode="trunc")
         allowed = key_image[None, None, :] < visible_images[:, :, None]  # [B, L, M]
         cross_mask = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device)
         cross_mask = cross_mask.masked_fill(~allowed, torch.finfo(q.dtype).min)[:, None]  # [B, 1, L, M]
