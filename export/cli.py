@@ -55,6 +55,41 @@ def cmd_check_trt(args: argparse.Namespace) -> int:
     return 0 if all(result["ready"] for result in report.values()) else 3
 
 
+ENGINE_HELP = "build TensorRT engines from an export, on the device that will run them (needs TensorRT)"
+
+
+def add_build_engine_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser("build-engine", help=ENGINE_HELP, description=ENGINE_HELP + ".")
+    parser.add_argument("export", type=Path, help="export directory (TensorRT flavour, fp16 or fp32)")
+    parser.add_argument("--output", type=Path, help="engine directory (default: EXPORT-engines)")
+    parser.add_argument("--max-images", type=int, default=8, help="images (crops, frames) per request (default 8)")
+    parser.add_argument("--max-context", type=int, help="tokens of context (default: the model's)")
+    parser.add_argument("--max-batch", type=int, default=1, help="samples per request (default 1)")
+    parser.add_argument("--workspace-mib", type=int, default=2048, help="builder workspace (default 2048 MiB)")
+    parser.add_argument("--opt-level", type=int, default=3, help="builder optimization level 0-5 (default 3)")
+    parser.add_argument("--force", action="store_true", help="replace an existing engine directory of ours")
+    return parser
+
+
+def cmd_build_engine(args: argparse.Namespace) -> int:
+    from owl3.config import Owl3Config
+    from owl3.export.engine import build_engines
+    from owl3.runtime.manifest import read_export
+    from owl3.runtime.profiles import ProfileLimits
+
+    config = Owl3Config.from_hf_json(read_export(args.export, "size")["config"])
+    limits = ProfileLimits.for_config(
+        config, max_batch=args.max_batch, max_images=args.max_images, max_context=args.max_context
+    )
+    output = args.output or args.export.with_name(f"{args.export.name}-engines")
+    build_engines(
+        args.export, output, limits=limits, workspace_mib=args.workspace_mib, optimization_level=args.opt_level,
+        force=args.force, progress=_note,
+    )  # fmt: skip
+    print(output)
+    return 0
+
+
 def cmd_export_stage(args: argparse.Namespace) -> int:
     from owl3.cli import resolve_model_dir
     from owl3.export.pipeline import export_model

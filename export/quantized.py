@@ -44,6 +44,7 @@ from owl3.quantize.qmath import contiguous_g_idx, symmetric_zero, unpack_cols, u
 
 COMPUTE = {"ort": "fp32", "tensorrt": "fp16"}  # the float dtype each flavour's graphs compute in
 INT4_OPSET = 21  # INT4 tensors and blocked DequantizeLinear; other graphs keep the exporter's opset
+QDQ_OPSET = 19  # Q/DQ with fp16 scales (opset 13's take float32 only)
 MS_DOMAIN = "com.microsoft"
 # Float weights the ORT flavour stores in fp16 although it computes in fp32 (the decoder's largest tensors).
 FP16_STORED = ("language_model.model.embed_tokens.weight", f"{LM_HEAD}.weight")
@@ -227,6 +228,8 @@ class QuantizedRewrite:
             model.opset_imports[MS_DOMAIN] = 1
         if any(v.dtype == ir.DataType.INT4 for v in graph.initializers.values()):
             model.opset_imports[""] = INT4_OPSET
+        elif any(node.op_type in ("QuantizeLinear", "DequantizeLinear") for node in graph):
+            model.opset_imports[""] = max(model.opset_imports[""], QDQ_OPSET)
         return {"modules": list(self.modules), "inserted": dict(self.counts)}
 
     def _integers(self, module: str) -> IntegerWeight:

@@ -9,7 +9,14 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from owl3.errors import EnvironmentProblem, GateFailure, InvalidInputError, Owl3Error
-from owl3.export.cli import add_check_trt_parser, add_export_parser, cmd_check_trt, cmd_export_stage
+from owl3.export.cli import (
+    add_build_engine_parser,
+    add_check_trt_parser,
+    add_export_parser,
+    cmd_build_engine,
+    cmd_check_trt,
+    cmd_export_stage,
+)
 from owl3.quantize.cli import add_quantize_parser, cmd_quantize
 from owl3.runtime.cli import add_prompt_options, add_run_parser, cmd_run, decoding_options
 from owl3.validate.cli import add_validate_parser, cmd_validate
@@ -29,6 +36,7 @@ available in this version:
   export     one export from a float or a quantized checkpoint
              (owl3-export export --model DIR [--target ort|tensorrt] --output DIR)
   check-trt  what the TensorRT 10.3 / 11.1 ONNX parsers would reject in an export, node by node
+  build-engine  TensorRT engines from an export, on the device (UNVERIFIED: never run with TensorRT here)
   run        answer a prompt from an export directory with the torch-free runtime (ONNX Runtime)
   validate   compare backends at every level (tensors, next-token, tasks) and write drift reports
   generate   run the PyTorch reference model on a prompt with images or a video, streaming the answer
@@ -72,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_quantize_parser(commands)
     add_export_parser(commands)
     add_check_trt_parser(commands)
+    add_build_engine_parser(commands)
     add_run_parser(commands)
     add_validate_parser(commands)
     _add_generate(commands)
@@ -262,6 +271,7 @@ def _note(message: str) -> None:
 
 
 COMMANDS = {
+    "build-engine": cmd_build_engine,
     "check-trt": cmd_check_trt,
     "export": cmd_export_stage,
     "generate": cmd_generate,

@@ -201,11 +201,17 @@ def tensorrt_cache_dir(manifest: Mapping[str, Any]) -> Path:
     return cache_dir() / "tensorrt-engines" / digest.hexdigest()[:16]
 
 
-def _provider_entries(chain: Sequence[str], manifest: Mapping[str, Any]) -> list[Any]:
-    """Provider names with their options (TensorRT: engine and timing caches, fp16 for fp16 exports)."""
+def _provider_entries(
+    chain: Sequence[str], manifest: Mapping[str, Any], profile: dict[str, list[tuple[int, ...]]] | None = None
+) -> list[Any]:
+    """Provider names with their options. TensorRT: engine and timing caches and the graph's explicit profile
+    shapes (without them engines rebuild as shapes grow); precision comes from the graphs' types (strongly
+    typed Q/DQ and fp16 graphs), so fp16 is enabled only for float fp16 exports."""
+    from owl3.runtime.profiles import ort_tensorrt_options
+
     entries: list[Any] = []
     for name in chain:
-        if name == TENSORRT:  # UNVERIFIED until run on a GPU
+        if name == TENSORRT:  # UNVERIFIED until run on a GPU with TensorRT
             cache = tensorrt_cache_dir(manifest)
             cache.mkdir(parents=True, exist_ok=True)
             options = {
@@ -213,7 +219,8 @@ def _provider_entries(chain: Sequence[str], manifest: Mapping[str, Any]) -> list
                 "trt_engine_cache_path": str(cache),
                 "trt_timing_cache_enable": True,
                 "trt_timing_cache_path": str(cache),
-                "trt_fp16_enable": manifest.get("compute", manifest.get("precision")) == "fp16",
+                "trt_fp16_enable": manifest.get("precision") == "fp16",
+                **(ort_tensorrt_options(profile) if profile else {}),
             }
             entries.append((name, options))
         else:
@@ -304,6 +311,7 @@ def load_backend(
     provider: str = "auto",
     *,
     intra_op_threads: int | None = None,
+    profiles: dict[str, dict[str, list[tuple[int, ...]]]] | None = None,
 ) -> OrtBackend:
     """Create one session per graph of the (already verified) export in ``directory``.
 
@@ -319,10 +327,10 @@ def load_backend(
         options.intra_op_num_threads = intra_op_threads
     for key, value in session_config(manifest.get("flavour")).items():
         options.add_session_config_entry(key, value)
-    entries = _provider_entries(chain, manifest)
     sessions = {}
     for name, graph in manifest["graphs"].items():
         path = directory / graph["file"]
+        entries = _provider_entries(chain, manifest, (profiles or {}).get(name))
         try:
             sessions[name] = ort.InferenceSession(str(path), options, providers=entries)
         except _LOAD_ERRORS as exc:
