@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import signal
 import sys
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -299,6 +302,24 @@ def missing_stage_dependency(exc: ModuleNotFoundError, command: str | None) -> E
     )
 
 
+@contextlib.contextmanager
+def terminate_as_interrupt() -> Iterator[None]:
+    """SIGTERM (a job scheduler, ``kill``, a container stop) unwinds like Ctrl-C, so every stage removes its
+    staging directory and nothing half-written is left beside the outputs; exit 130."""
+
+    def interrupt(_signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     try:
@@ -309,7 +330,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return COMMANDS[args.command](args) if args.command else cmd_export(args)
+        with terminate_as_interrupt():
+            return COMMANDS[args.command](args) if args.command else cmd_export(args)
     except Owl3Error as exc:
         if args.debug:
             raise

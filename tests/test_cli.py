@@ -128,3 +128,31 @@ def test_precision_runs_the_export_pipeline_then_run_answers_from_it(
     assert "time to first token" in capsys.readouterr().err
     assert main(["run", "--export", str(tmp_path / "missing")]) == 3
     assert "expected an owl3-export artifact" in capsys.readouterr().err
+
+
+def test_sigterm_removes_the_staging_directory_and_exits_130(tmp_path) -> None:
+    import signal
+    import subprocess
+    import sys
+
+    code = f"""
+import sys, time
+from pathlib import Path
+import owl3.cli
+from owl3.artifacts import staged_output
+
+def slow_stage(args):
+    with staged_output(Path({str(tmp_path / "out")!r})) as staging:
+        (staging / "half-written").write_text("x")
+        print("READY", flush=True)
+        time.sleep(60)
+
+owl3.cli.COMMANDS["info"] = slow_stage
+sys.exit(owl3.cli.main(["info"]))
+"""
+    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert child.stdout.readline().strip() == "READY"
+    child.send_signal(signal.SIGTERM)
+    _, err = child.communicate(timeout=60)
+    assert child.returncode == 130 and "interrupted" in err
+    assert list(tmp_path.iterdir()) == []  # no output and no staging directory left
