@@ -114,12 +114,17 @@ class PackedReader:
     def float_tensor(self, key: str) -> torch.Tensor | None:
         return self._tensor(key) if key in self.files.tensors else None
 
+    def zeros(self, module: str) -> np.ndarray:
+        """True zero points [G, N] (small: read before the weights to choose the graph form)."""
+        zeros = unpack_cols(self._tensor(f"{module}.qzeros"), self.layout.modules[module].bits)
+        return (zeros + 1 if self.layout.quantization.checkpoint_format == GPTQ_V1 else zeros).numpy()
+
+    def symmetric(self, module: str) -> bool:
+        return bool((self.zeros(module) == symmetric_zero(self.layout.modules[module].bits)).all())
+
     def weight(self, module: str) -> IntegerWeight:
         spec = self.layout.modules[module]
         codes = unpack_rows(self._tensor(f"{module}.qweight"), spec.bits)
-        zeros = unpack_cols(self._tensor(f"{module}.qzeros"), spec.bits)
-        if self.layout.quantization.checkpoint_format == GPTQ_V1:
-            zeros = zeros + 1
         g_idx = self._tensor(f"{module}.g_idx")
         if not torch.equal(g_idx.long(), contiguous_g_idx(spec.in_features, spec.group_size).long()):
             raise CheckpointError(
@@ -134,25 +139,24 @@ class PackedReader:
                 f"{module}.scales holds NaN/Inf", where=str(self.files.tensors[f"{module}.scales"].file),
                 fix="the checkpoint is damaged: quantize again",
             )  # fmt: skip
-        return IntegerWeight(codes.numpy(), scales.numpy(), zeros.numpy(), spec.bits, spec.group_size)
+        return IntegerWeight(codes.numpy(), scales.numpy(), self.zeros(module), spec.bits, spec.group_size)
 
 
 # ---- integer tensors of each form ------------------------------------------------------------------------
 
 
-def nbits_block(weight: IntegerWeight) -> int:
+def nbits_block(in_features: int, group: int) -> int:
     """MatMulNBits' block: the group, or for a per-channel layer the largest power of two <= 128 dividing K
     (128 with a padded last block when K has none >= 16)."""
-    k = weight.codes.shape[0]
-    if weight.group < k:
-        return weight.group
-    return next((b for b in (128, 64, 32, 16) if k % b == 0), 128)
+    if group < in_features:
+        return group
+    return next((b for b in (128, 64, 32, 16) if in_features % b == 0), 128)
 
 
 def matmulnbits_tensors(weight: IntegerWeight, compute: str) -> dict[str, np.ndarray]:
     """B [N, K/B, B*bits/8] uint8 (low nibble first), scales [N, K/B], zero_points when asymmetric."""
     k, n = weight.codes.shape
-    block = nbits_block(weight)
+    block = nbits_block(k, weight.group)
     blocks = math.ceil(k / block)
     per_channel = weight.group >= k
     codes = weight.codes.T.astype(np.uint8)  # [N, K]
@@ -210,7 +214,7 @@ class QuantizedRewrite:
         self.compute = flavour.compute
         self.counts: Counter[str] = Counter()
         self.modules: list[str] = []
-        self._cache: tuple[str, IntegerWeight] | None = None
+        self._cache: tuple[str, dict[str, np.ndarray]] | None = None
 
     def __call__(self, model: ir.Model) -> dict[str, Any]:
         graph = model.graph
@@ -232,21 +236,21 @@ class QuantizedRewrite:
             model.opset_imports[""] = max(model.opset_imports[""], QDQ_OPSET)
         return {"modules": list(self.modules), "inserted": dict(self.counts)}
 
-    def _integers(self, module: str) -> IntegerWeight:
-        """The module's integers, read once for the (up to three) lazy tensors made from them."""
+    def _arrays(self, module: str) -> dict[str, np.ndarray]:
+        """The module's tensors in the flavour's form, read and packed once for the lazy tensors made from them
+        (saved one after another, so one module's arrays are held at a time)."""
         if self._cache is None or self._cache[0] != module:
-            self._cache = (module, self.reader.weight(module))
+            weight = self.reader.weight(module)
+            if self.flavour.name == "ort":
+                arrays = matmulnbits_tensors(weight, self.compute)
+            else:
+                arrays = qdq_tensors(weight, self.compute, module)
+            self._cache = (module, arrays)
         return self._cache[1]
 
-    def _lazy(self, name: str, module: str, part: str, dtype: ir.DataType, shape: tuple[int, ...], form: str):
+    def _lazy(self, name: str, module: str, part: str, dtype: ir.DataType, shape: tuple[int, ...]) -> ir.Value:
         def load() -> ir.TensorProtocol:
-            weight = self._integers(module)
-            arrays = (
-                matmulnbits_tensors(weight, self.compute)
-                if form == "nbits"
-                else qdq_tensors(weight, self.compute, module)
-            )
-            array = arrays[part]
+            array = self._arrays(module)[part]
             if tuple(array.shape) != shape:
                 raise CheckpointError(
                     f"{name}: computed shape {array.shape} differs from the declared {shape}",
@@ -271,19 +275,24 @@ class QuantizedRewrite:
                 f"{module}: the transposed weight feeds {sorted({n.op_type for n in matmuls})}, not MatMul",
                 where="owl3.export.quantized", fix="report this bug",
             )  # fmt: skip
-        k, n = spec.in_features, spec.out_features
         activations = self._activation_scales(module, spec)
+        symmetric = self.reader.symmetric(module)
         use_nbits = self.flavour.name == "ort"
         if use_nbits:
-            b_value = self._nbits_initializers(graph, module, spec)
+            weights = self._nbits_initializers(graph, module, spec, symmetric)
         else:
+            if not symmetric:
+                raise CheckpointError(
+                    f"{module} has asymmetric zero points; TensorRT's Q/DQ accepts only symmetric weights",
+                    where=module, fix="re-quantize symmetric (owl3-export quantize's default) or export --target ort",
+                )  # fmt: skip
             b_value = self._dq_weight(graph, module, spec, before=matmuls[0])
         for matmul in matmuls:
             a = matmul.inputs[0]
             if activations is not None:
                 a = self._quantize_input(graph, matmul, a, module, activations)
             if use_nbits:
-                self._replace_with_nbits(graph, matmul, a, b_value, module, k, n, spec)
+                self._replace_with_nbits(graph, matmul, a, weights, module, spec)
             else:
                 matmul.replace_input_with(0, a)
                 matmul.replace_input_with(1, b_value)
@@ -292,16 +301,19 @@ class QuantizedRewrite:
         graph.initializers.pop(weight.name)
         self.modules.append(module)
 
-    def _nbits_initializers(self, graph: ir.Graph, module: str, spec: PackedModule) -> list[ir.Value]:
+    def _nbits_initializers(self, graph: ir.Graph, module: str, spec: PackedModule, symmetric: bool) -> list[ir.Value]:
+        """B, scales and (asymmetric weights only) zero points, the inputs after A of MatMulNBits."""
         k, n = spec.in_features, spec.out_features
-        block = spec.group_size if spec.group_size < k else next((b for b in (128, 64, 32, 16) if k % b == 0), 128)
+        block = nbits_block(k, spec.group_size)
         blocks = math.ceil(k / block)
         values = [
-            self._lazy(
-                f"{module}.nbits_B", module, "B", ir.DataType.UINT8, (n, blocks, block * spec.bits // 8), "nbits"
-            ),
-            self._lazy(f"{module}.nbits_scales", module, "scales", _FLOAT[self.compute], (n, blocks), "nbits"),
+            self._lazy(f"{module}.nbits_B", module, "B", ir.DataType.UINT8, (n, blocks, block * spec.bits // 8)),
+            self._lazy(f"{module}.nbits_scales", module, "scales", _FLOAT[self.compute], (n, blocks)),
         ]
+        if not symmetric:
+            packed = math.ceil(blocks / 2) if spec.bits == 4 else blocks
+            values.append(self._lazy(f"{module}.nbits_zero_points", module, "zero_points", ir.DataType.UINT8,
+                                     (n, packed)))  # fmt: skip
         for value in values:
             graph.register_initializer(value)
         return values
@@ -313,9 +325,8 @@ class QuantizedRewrite:
             raise CheckpointError(f"{module}: {spec.bits}-bit weights have no Q/DQ form", where=module,
                                   fix="export --target ort")  # fmt: skip
         scale_shape = (k // spec.group_size, n) if int4 else (n,)
-        q = self._lazy(f"{module}.qdq_weight", module, "weight", ir.DataType.INT4 if int4 else ir.DataType.INT8,
-                       (k, n), "qdq")  # fmt: skip
-        s = self._lazy(f"{module}.qdq_scale", module, "scale", _FLOAT[self.compute], scale_shape, "qdq")
+        q = self._lazy(f"{module}.qdq_weight", module, "weight", ir.DataType.INT4 if int4 else ir.DataType.INT8, (k, n))
+        s = self._lazy(f"{module}.qdq_scale", module, "scale", _FLOAT[self.compute], scale_shape)
         graph.register_initializer(q)
         graph.register_initializer(s)
         attributes = {"axis": 0, "block_size": spec.group_size} if int4 else {"axis": 1}
@@ -369,13 +380,13 @@ class QuantizedRewrite:
         return value
 
     def _replace_with_nbits(
-        self, graph: ir.Graph, matmul: ir.Node, a: ir.Value, values: list[ir.Value], module: str, k: int, n: int,
-        spec: PackedModule,
-    ) -> None:  # fmt: skip
-        block = values[0].shape[2] * 8 // spec.bits
+        self, graph: ir.Graph, matmul: ir.Node, a: ir.Value, values: list[ir.Value], module: str, spec: PackedModule
+    ) -> None:
+        k, n = spec.in_features, spec.out_features
+        attributes = {"K": k, "N": n, "bits": spec.bits, "block_size": nbits_block(k, spec.group_size),
+                      "accuracy_level": self.flavour.accuracy_level}  # fmt: skip
         node = ir.node(
-            "MatMulNBits", [a, *values], {"K": k, "N": n, "bits": spec.bits, "block_size": block,
-                                          "accuracy_level": self.flavour.accuracy_level},
+            "MatMulNBits", [a, *values], attributes,
             domain=MS_DOMAIN, name=f"{module}/MatMulNBits_0",
         )  # fmt: skip
         out = node.outputs[0]

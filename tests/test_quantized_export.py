@@ -68,7 +68,7 @@ def _decode_nbits(arrays: dict[str, np.ndarray], weight: IntegerWeight, k: int) 
 def test_matmulnbits_tensors_decode_to_the_checkpoint_weights(k, n, bits, group, symmetric, block) -> None:
     weight = _weight(k, n, bits, group, symmetric=symmetric)
     arrays = matmulnbits_tensors(weight, "fp32")
-    assert nbits_block(weight) == block
+    assert nbits_block(k, group) == block
     assert arrays["B"].dtype == np.uint8 and arrays["B"].shape == (n, -(-k // block), block * bits // 8)
     assert ("zero_points" in arrays) == (not symmetric)
     np.testing.assert_array_equal(_decode_nbits(arrays, weight, k), _reference(weight))
@@ -261,6 +261,27 @@ def test_a_non_contiguous_g_idx_is_refused_with_the_layer_named(tmp_path: Path, 
         export_model(broken, tmp_path / "out", target="ort", validate=False)
     assert "re-quantize with contiguous groups" in info.value.fix
     assert not (tmp_path / "out").exists()
+
+
+def test_asymmetric_zero_points_reach_matmulnbits_and_tensorrt_refuses_them(tmp_path: Path, demo_int4: Path) -> None:
+    """A GPTQ checkpoint made elsewhere with one asymmetric layer: the ORT flavour wires its zero points (the
+    export's validation against PyTorch on the checkpoint would fail on the default zero of 8), TensorRT's is
+    refused while the graph is rewritten, before any weight is written."""
+    asymmetric = tmp_path / "asymmetric"
+    shutil.copytree(demo_int4, asymmetric)
+    (asymmetric / "manifest.json").unlink()
+    path = asymmetric / "model.safetensors"
+    tensors = load_file(path)
+    module = "language_model.model.layers.1.self_attn.q_proj"
+    tensors[f"{module}.qzeros"] = torch.full_like(tensors[f"{module}.qzeros"], 0x66666666)  # v1: zero 7, not 8
+    save_file(tensors, path)
+    directory = export_model(asymmetric, tmp_path / "ort", target="ort", accuracy_level=0)
+    assert json.loads((directory / "manifest.json").read_text())["status"] == "ok"
+    node = next(n for n in _graph(directory / "decoder.onnx").graph.node if n.name == f"{module}/MatMulNBits_0")
+    assert list(node.input)[1:] == [f"{module}.nbits_B", f"{module}.nbits_scales", f"{module}.nbits_zero_points"]
+    with pytest.raises(CheckpointError, match=r"q_proj has asymmetric zero points.*--target ort"):
+        export_model(asymmetric, tmp_path / "trt", target="tensorrt", validate=False)
+    assert not (tmp_path / "trt").exists()
 
 
 def test_precisions_that_do_not_match_the_checkpoint_are_refused(tmp_path: Path, demo_int4, demo_model_dir) -> None:
