@@ -53,14 +53,15 @@ def write_random_checkpoint(config: Owl3Config, out: Path, dtype: torch.dtype, s
     write_tokenizer(build_demo_tokenizer(1024), out)
 
 
-# Runs the owl3-export command line in a child process that reports its own peak resident memory: VmHWM from
-# /proc (ru_maxrss would carry the parent's peak across fork and exec on Linux).
+# Runs the owl3-export command line in a child process that reports its own peak resident memory
+# (measure.peak_rss_kib: VmHWM, which unlike ru_maxrss does not inherit the parent's peak).
 CHILD = (
     "import sys\n"
+    f"sys.path.insert(0, {str(Path(__file__).resolve().parent)!r})\n"
+    "from measure import peak_rss_kib\n"
     "from owl3.cli import main\n"
     "code = main(sys.argv[1:])\n"
-    "hwm = next(l for l in open('/proc/self/status') if l.startswith('VmHWM'))\n"
-    "print('PEAK_RSS_KB', hwm.split()[1], file=sys.stderr)\n"
+    "print('PEAK_RSS_KB', peak_rss_kib(), file=sys.stderr)\n"
     "sys.exit(code)\n"
 )
 

@@ -26,14 +26,12 @@ from typing import Any
 import onnx
 import torch
 from common import run_cli_measured, write_random_checkpoint
+from measure import tensor_bytes
 
 from owl3.config import Owl3Config
+from owl3.model.safetensors_files import discover_checkpoint
 from owl3.model.weights import tensor_table
 
-_BYTES = {
-    onnx.TensorProto.FLOAT: 4, onnx.TensorProto.FLOAT16: 2, onnx.TensorProto.INT4: 0.5, onnx.TensorProto.UINT4: 0.5,
-    onnx.TensorProto.INT8: 1, onnx.TensorProto.UINT8: 1, onnx.TensorProto.INT32: 4, onnx.TensorProto.INT64: 8,
-}  # fmt: skip
 _QUANTIZED_SUFFIXES = (".nbits_B", ".nbits_scales", ".nbits_zero_points", ".qdq_weight", ".qdq_scale")
 GOALS = {"int4": (0.27, 0.37), "int8": (0.52, 0.58), "w8a8": (0.52, 0.58)}
 
@@ -44,7 +42,7 @@ def language_model_bytes(export: Path) -> dict[str, float]:
     for graph in ("decoder", "visual_memory"):
         proto = onnx.load(str(export / f"{graph}.onnx"), load_external_data=False)
         for tensor in proto.graph.initializer:
-            seen[tensor.name] = math.prod(tensor.dims) * _BYTES[tensor.data_type]
+            seen[tensor.name] = tensor_bytes(tensor)
     quantized = sum(b for n, b in seen.items() if n.endswith(_QUANTIZED_SUFFIXES))
     return {"quantized_linear": quantized, "total": sum(seen.values())}
 
@@ -55,26 +53,9 @@ def fp16_reference(config: Owl3Config, quantized: Path) -> dict[str, float]:
     lm = sum(math.prod(s) for n, s in table.items() if n.startswith("language_model."))
     if config.text.tie_word_embeddings:
         lm += math.prod(table["language_model.model.embed_tokens.weight"])  # lm_head stored separately in fp16
-    packed = [n.removesuffix(".weight") for n in table if n.endswith(".weight") and _is_packed(quantized, n)]
+    names = discover_checkpoint(quantized).tensors
+    packed = [n.removesuffix(".qweight") for n in names if n.endswith(".qweight")]
     return {"total": 2 * lm, "quantized_linear": 2 * sum(math.prod(table[f"{m}.weight"]) for m in packed)}
-
-
-def _is_packed(quantized: Path, weight: str) -> bool:
-    index = quantized / "model.safetensors.index.json"
-    names = json.loads(index.read_text())["weight_map"] if index.is_file() else _single_file_names(quantized)
-    return weight.removesuffix(".weight") + ".qweight" in names
-
-
-_NAMES: dict[Path, set[str]] = {}
-
-
-def _single_file_names(quantized: Path) -> set[str]:
-    if quantized not in _NAMES:
-        from safetensors import safe_open
-
-        with safe_open(str(quantized / "model.safetensors"), framework="pt") as handle:
-            _NAMES[quantized] = set(handle.keys())
-    return _NAMES[quantized]
 
 
 def main() -> None:

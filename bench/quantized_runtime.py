@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import shutil
 import statistics
 import subprocess
@@ -34,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from measure import peak_rss_kib, tensor_bytes
 
 # precision: (recipe, overrides). Round-to-nearest everywhere the recipes allow: quantizing is fast, speed the same.
 QUANTIZED = {
@@ -47,7 +47,6 @@ DEFAULT_LEVELS = {"int4": (0, 4), "int8": (4,), "w8a8": (4,)}
 GOAL_SPEEDUP = {"int4": 3.0, "int8": 1.8}  # decode tokens/s over fp32, same run
 GOAL_CEILING = 0.8  # every precision
 # onnx.TensorProto data types -> bytes per element (INT4 / UINT4 pack two per byte)
-DTYPE_BYTES = {1: 4, 2: 1, 3: 1, 4: 2, 5: 2, 6: 4, 7: 8, 9: 1, 10: 2, 11: 8, 12: 4, 13: 8, 16: 2, 21: 0.5, 22: 0.5}
 
 
 @dataclass(frozen=True)
@@ -141,14 +140,8 @@ def decode_weight_bytes(graph: Path) -> int:
     for node in model.graph.node:
         for position, name in enumerate(node.input):
             (gathered if node.op_type == "Gather" and position == 0 else other).add(name)
-    total = 0.0
-    for tensor in model.graph.initializer:
-        if tensor.name in gathered and tensor.name not in other:
-            continue
-        if tensor.data_type not in DTYPE_BYTES:
-            raise SystemExit(f"{graph}: initializer {tensor.name} has data type {tensor.data_type}, add it")
-        total += DTYPE_BYTES[tensor.data_type] * int(np.prod(tensor.dims, dtype=np.int64))
-    return int(total)
+    read = [t for t in model.graph.initializer if t.name in other or t.name not in gathered]
+    return int(sum(tensor_bytes(t) for t in read))
 
 
 def read_bandwidth(gib: float, threads: int, tries: int = 5) -> float:
@@ -186,17 +179,6 @@ def child(export_dir: Path, prompt_tokens: int, new_tokens: int, repeats: int, t
         "peak_rss_gib": peak_rss_kib() / 2**20,
     }
     print("RESULT " + json.dumps(result))
-
-
-def peak_rss_kib() -> int:
-    """This process's peak resident set in KiB. VmHWM, not ru_maxrss: Linux carries the parent's peak into a
-    child's ru_maxrss across fork and exec, so a child of a large parent would report the parent's peak."""
-    status = Path("/proc/self/status")
-    if status.is_file():
-        for line in status.read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1])
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
 def prompt_ids(session: Any, target: int) -> np.ndarray:

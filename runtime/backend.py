@@ -28,7 +28,9 @@ from typing import Any
 import numpy as np
 
 from owl3.artifacts import ArtifactError
+from owl3.config import Owl3Config
 from owl3.errors import EnvironmentProblem, UsageError
+from owl3.runtime.profiles import ProfileLimits, graph_profiles, ort_tensorrt_options
 
 try:
     import onnxruntime as ort
@@ -207,8 +209,6 @@ def _provider_entries(
     """Provider names with their options. TensorRT: engine and timing caches and the graph's explicit profile
     shapes (without them engines rebuild as shapes grow); precision comes from the graphs' types (strongly
     typed Q/DQ and fp16 graphs), so fp16 is enabled only for float fp16 exports."""
-    from owl3.runtime.profiles import ort_tensorrt_options
-
     entries: list[Any] = []
     for name in chain:
         if name == TENSORRT:  # UNVERIFIED until run on a GPU with TensorRT
@@ -311,7 +311,7 @@ def load_backend(
     provider: str = "auto",
     *,
     intra_op_threads: int | None = None,
-    profiles: dict[str, dict[str, list[tuple[int, ...]]]] | None = None,
+    profile_limits: ProfileLimits | None = None,
 ) -> OrtBackend:
     """Create one session per graph of the (already verified) export in ``directory``.
 
@@ -327,10 +327,14 @@ def load_backend(
         options.intra_op_num_threads = intra_op_threads
     for key, value in session_config(manifest.get("flavour")).items():
         options.add_session_config_entry(key, value)
+    profiles = {}
+    if TENSORRT in chain and profile_limits is not None:  # the TensorRT EP's explicit shapes, per graph
+        compute = manifest.get("compute") or manifest["precision"]
+        profiles = graph_profiles(Owl3Config.from_hf_json(manifest["config"]), compute, profile_limits)
     sessions = {}
     for name, graph in manifest["graphs"].items():
         path = directory / graph["file"]
-        entries = _provider_entries(chain, manifest, (profiles or {}).get(name))
+        entries = _provider_entries(chain, manifest, profiles.get(name))
         try:
             sessions[name] = ort.InferenceSession(str(path), options, providers=entries)
         except _LOAD_ERRORS as exc:

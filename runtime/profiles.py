@@ -53,7 +53,6 @@ def dim_ranges(limits: ProfileLimits, config: Owl3Config) -> dict[str, tuple[int
         "seq": (1, 1, limits.max_context),
         "logit_count": (1, 1, limits.max_context),
         "past": (0, half, limits.max_context - 1),
-        "past+seq": (1, half + 1, limits.max_context),
         "visual": (0, config.image_tokens, limits.max_visual_tokens),
     }
 

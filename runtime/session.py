@@ -40,7 +40,7 @@ from owl3.placement import ImagePlacement, parse_media_offset
 from owl3.processor import DEFAULT_MAX_IMAGES, Owl3Processor
 from owl3.runtime.backend import OrtBackend, load_backend
 from owl3.runtime.manifest import read_export, same_signature
-from owl3.runtime.profiles import ProfileLimits, graph_profiles
+from owl3.runtime.profiles import ProfileLimits
 from owl3.runtime.request import Request, RequestChecker, RequestLimits
 from owl3.runtime.sampling import next_tokens, stream_text
 
@@ -85,10 +85,9 @@ class Owl3Session:
         self._check_graph_specs()
         self.processor = Owl3Processor.from_pretrained(self.export_dir, max_images=max_images)
         self.requests = self._request_checker(limits)
-        profiles = graph_profiles(self.config, self.compute, ProfileLimits(
-            MAX_PROFILE_BATCH, limits.max_images, limits.max_visual_tokens, limits.max_context))  # fmt: skip
+        profile = ProfileLimits(MAX_PROFILE_BATCH, limits.max_images, limits.max_visual_tokens, limits.max_context)
         self.backend: OrtBackend = load_backend(
-            self.export_dir, self.manifest, provider, intra_op_threads=intra_op_threads, profiles=profiles
+            self.export_dir, self.manifest, provider, intra_op_threads=intra_op_threads, profile_limits=profile
         )
         for name, spec in self._specs.items():
             self.backend.graphs[name].check_signature(

@@ -43,7 +43,10 @@ def test_profiles_cover_the_runtime_limits_with_empty_caches_allowed(config) -> 
     assert decoder["past_key_0"][2] == (2, 4, 4095, 128)
     assert decoder["visual_key_0"][0][2] == 0 and decoder["visual_key_0"][2][2] == 4 * p
     assert decoder["input_ids"] == [(1, 1), (1, 1), (2, 4096)]
-    assert set(decoder) == {t for t in decoder}  # every dynamic input, and only those
+    from owl3.export.specs import graph_specs
+
+    for name, spec in graph_specs(config, "fp16").items():  # every dynamic input, and only those
+        assert set(profiles[name]) == {t.name for t in spec.inputs if any(isinstance(d, str) for d in t.shape)}
     assert len(decoder) == 4 + 2 * config.text.num_hidden_layers + 2 * len(config.hyper_layers)
     assert "image_positions" in profiles["visual_memory"]
 
@@ -168,3 +171,37 @@ def test_engines_build_and_pass_their_own_compatibility_check(demo_export_fp16: 
     manifest = json.loads((output / "manifest.json").read_text())
     assert set(manifest["engines"]) == {"vision", "visual_memory", "decoder"}
     check_engines(manifest, output)
+
+
+def test_load_backend_gives_the_tensorrt_provider_each_graphs_profile(demo_export_fp16: Path, monkeypatch) -> None:
+    """ONNX Runtime with TensorRT is not installable here: the session class is replaced by one that records the
+    provider entries each graph was given, which is all load_backend decides."""
+    from owl3.runtime import backend
+    from owl3.runtime.manifest import read_export
+
+    given: dict[str, list] = {}
+    cpu_session = backend.ort.InferenceSession
+
+    class Recording:  # a CPU session that records the entries it was given and reports TensorRT active
+        def __init__(self, path: str, options, providers) -> None:
+            given[Path(path).stem] = providers
+            self.real = cpu_session(path, options, providers=["CPUExecutionProvider"])
+
+        def __getattr__(self, name: str):
+            return getattr(self.real, name)
+
+        def get_providers(self) -> list[str]:
+            return [TENSORRT, "CPUExecutionProvider"]
+
+    monkeypatch.setattr(backend, "resolve_providers", lambda provider: [TENSORRT, "CPUExecutionProvider"])
+    monkeypatch.setattr(backend.ort, "InferenceSession", Recording)
+    manifest = read_export(demo_export_fp16, "size")
+    config = Owl3Config.from_hf_json(manifest["config"])
+    limits = ProfileLimits(2, 3, 3 * config.image_tokens, 64)
+    backend.load_backend(demo_export_fp16, manifest, "tensorrt", profile_limits=limits)
+    assert set(given) == {"vision", "visual_memory", "decoder"}
+    decoder = dict(given["decoder"][0][1])
+    assert "input_ids:2x64" in decoder["trt_profile_max_shapes"].split(",")
+    text, size = config.text, config.vision.image_size
+    assert f"past_key_0:1x{text.num_key_value_heads}x0x{text.head_dim}" in decoder["trt_profile_min_shapes"].split(",")
+    assert dict(given["vision"][0][1])["trt_profile_max_shapes"] == f"pixel_values:3x3x{size}x{size}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -106,3 +107,33 @@ def test_int8_activation_fake_quant_saturates_and_rounds_half_even() -> None:
     assert float(scale) == pytest.approx(1.0)
     x = torch.tensor([0.5, 1.5, -2.5, 300.0, -300.0])
     assert torch.equal(fake_quantize_int8(x, scale), torch.tensor([0.0, 2.0, -2.0, 127.0, -128.0]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_fake_int8_activations_equal_onnx_runtimes_quantize_dequantize(dtype) -> None:
+    """The PyTorch quantized model and the exported W8A8 graphs quantize activations identically: scale rounded
+    to the input's dtype, division and round-half-to-even in float32, saturation to [-128, 127]."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from owl3.quantize.qmath import fake_quantize_int8
+
+    scale = torch.tensor([0.0123], dtype=torch.float32)
+    ort_type = TensorProto.FLOAT if dtype == torch.float32 else TensorProto.FLOAT16
+    np_type = np.float32 if dtype == torch.float32 else np.float16
+    rng = np.random.default_rng(0)
+    x = np.concatenate([rng.normal(0, 0.6, 4000), np.arange(-130, 130) * float(scale) * 1.5, [2.0, -2.0, 0.0]])
+    x = x.astype(np_type)[None]
+    init = [numpy_helper.from_array(scale.to(dtype).numpy().reshape(()), "s"), numpy_helper.from_array(np.int8(0), "z")]
+    nodes = [
+        helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"]),
+        helper.make_node("DequantizeLinear", ["q", "s", "z"], ["y"]),
+    ]
+    graph = helper.make_graph(nodes, "qdq", [helper.make_tensor_value_info("x", ort_type, list(x.shape))],
+                              [helper.make_tensor_value_info("y", ort_type, list(x.shape))], init)  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)])
+    model.ir_version = 9
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    expected = session.run(None, {"x": x})[0]
+    ours = fake_quantize_int8(torch.from_numpy(x), scale).numpy()
+    np.testing.assert_array_equal(ours, expected)

@@ -221,12 +221,26 @@ def test_int8_weights_in_the_tensorrt_flavour_are_per_channel_qdq_at_opset_19(tm
     directory = export_model(demo_w8a8, tmp_path / "w8a8-trt", target="tensorrt", validate=False)
     manifest = json.loads((directory / "manifest.json").read_text())
     assert manifest["status"] == "ok" and manifest["opset"] == 19
-    assert manifest["tensorrt_readiness"]["10.3"]["ready"]
+    assert manifest["tensorrt_readiness"]["10.3"]["ready"] and manifest["tensorrt_readiness"]["11.1"]["ready"]
     graph = _graph(directory / "decoder.onnx")
     weights = {t.name: t for t in graph.graph.initializer}
     dq = [n for n in graph.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in weights]
     assert dq and all(weights[n.input[0]].data_type == onnx.TensorProto.INT8 for n in dq)
     assert all(onnx.helper.get_attribute_value(n.attribute[0]) == 1 for n in dq)  # axis=1: per output channel
+
+
+def test_int8_weight_only_tensorrt_flavour_is_validated_and_ready(tmp_path_factory, demo_model_dir: Path) -> None:
+    from tests.conftest import quantize_demo
+
+    checkpoint = quantize_demo(tmp_path_factory, demo_model_dir, "int8")
+    directory = export_model(checkpoint, tmp_path_factory.mktemp("int8") / "trt", target="tensorrt")
+    manifest = json.loads((directory / "manifest.json").read_text())
+    assert (manifest["status"], manifest["opset"], manifest["compute"]) == ("ok", 19, "fp16")
+    assert all(manifest["tensorrt_readiness"][v]["ready"] for v in ("10.3", "11.1"))
+    assert manifest["graphs"]["decoder"]["quantized"]["l0"]["DequantizeLinear(weight)"] == len(
+        manifest["graphs"]["decoder"]["quantized"]["modules"]
+    )
+    assert "QuantizeLinear(input)" not in manifest["graphs"]["decoder"]["quantized"]["l0"]  # weight-only
 
 
 def test_w8a8_quantizes_every_linear_input_with_the_checkpoint_scale(tmp_path: Path, demo_w8a8: Path) -> None:
