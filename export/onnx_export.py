@@ -210,11 +210,10 @@ def save_graph(model: ir.Model, spec: GraphSpec, directory: Path) -> Path:
     return path
 
 
-def check_graph(path: Path) -> int:
-    """Full ``onnx.checker`` check and strict shape inference; returns the model's IR version. (ONNX has no
-    schema for ONNX Runtime's contrib operators: their graphs are checked, and run by validation.)"""
+def check_graph(path: Path, *, contrib: bool = False) -> None:
+    """Full ``onnx.checker`` check and strict shape inference. ONNX has no schema for ONNX Runtime's contrib
+    operators (``contrib``): such graphs get the structural check, and are run by validation."""
     try:
-        contrib = any(o.domain == "com.microsoft" for o in onnx.load(str(path), load_external_data=False).opset_import)
         onnx.checker.check_model(str(path), full_check=not contrib)
         if not contrib:
             inferred = path.with_name(f".{path.name}.inferred")
@@ -222,7 +221,6 @@ def check_graph(path: Path) -> int:
             inferred.unlink(missing_ok=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
         raise ExportError(f"exported graph fails ONNX checks: {exc}", where=str(path), fix="report this bug") from exc
-    return onnx.load(str(path), load_external_data=False).ir_version
 
 
 def export_graph(
@@ -239,14 +237,13 @@ def export_graph(
     quantized = rewrite(model) if rewrite is not None else None
     weight_bytes = bind_weights(model, reader)
     path = save_graph(model, spec, directory)
-    ir_version = check_graph(path)
+    check_graph(path, contrib=any(domain not in ("", "ai.onnx") for domain in model.opset_imports))
     ops = Counter(node.op_type for node in model.graph)
-    entry = {**spec.signature(), "ir_version": ir_version, "opset": model.opset_imports[""],
+    entry = {**spec.signature(), "ir_version": model.ir_version, "opset": model.opset_imports[""],
              "weight_bytes": weight_bytes, "op_counts": dict(ops)}  # fmt: skip
     if quantized is not None:
         from owl3.export.quantized import check_quantized_graph, count_quantized_nodes
 
         entry["quantized"] = {**quantized, "l0": count_quantized_nodes(path)}
-        w8a8 = any(rewrite.reader.layout.modules[m].activations for m in quantized["modules"])
-        check_quantized_graph(entry["quantized"], rewrite.flavour, w8a8, str(path))
+        check_quantized_graph(entry["quantized"], rewrite.flavour, str(path))
     return entry

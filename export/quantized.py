@@ -234,7 +234,8 @@ class QuantizedRewrite:
             model.opset_imports[""] = INT4_OPSET
         elif any(node.op_type in ("QuantizeLinear", "DequantizeLinear") for node in graph):
             model.opset_imports[""] = max(model.opset_imports[""], QDQ_OPSET)
-        return {"modules": list(self.modules), "inserted": dict(self.counts)}
+        activations = any(self.reader.layout.modules[m].activations for m in self.modules)
+        return {"modules": list(self.modules), "activations": activations, "inserted": dict(self.counts)}
 
     def _arrays(self, module: str) -> dict[str, np.ndarray]:
         """The module's tensors in the flavour's form, read and packed once for the lazy tensors made from them
@@ -464,7 +465,7 @@ def count_quantized_nodes(path: Path) -> dict[str, Any]:
     return {**counts, "float_matmul_weights": sorted(float_weights)}
 
 
-def check_quantized_graph(entry: dict[str, Any], flavour: Flavour, w8a8: bool, where: str) -> None:
+def check_quantized_graph(entry: dict[str, Any], flavour: Flavour, where: str) -> None:
     """L0: every packed Linear of the graph became integer weights, and no float MatMul reads one of them."""
     from owl3.export.onnx_export import ExportError
 
@@ -474,7 +475,7 @@ def check_quantized_graph(entry: dict[str, Any], flavour: Flavour, w8a8: bool, w
     problems = [f"float MatMuls still read {left}"] if left else []
     if l0.get(expected_node, 0) != len(modules):
         problems.append(f"{l0.get(expected_node, 0)} {expected_node} nodes for {len(modules)} quantized Linears")
-    if w8a8 and l0.get("QuantizeLinear(input)", 0) != len(modules):
+    if entry["activations"] and l0.get("QuantizeLinear(input)", 0) != len(modules):
         problems.append(f"{l0.get('QuantizeLinear(input)', 0)} activation QuantizeLinear for {len(modules)} Linears")
     if problems:
         raise ExportError(f"quantized graph check failed: {'; '.join(problems)}", where=where, fix="report this bug")

@@ -56,7 +56,7 @@ def verify_export(
     gate = export_gate(quantized) if quantized else GATES[f"onnx-{precision}"]
     model = load_model(model_dir, dtype=_TORCH[precision])
     processor = Owl3Processor.from_pretrained(model_dir)
-    graphs = _Graphs(directory, quantized and quantized["flavour"])
+    graphs = _Graphs(directory, quantized["flavour"] if quantized else None)
     islands = fp32_islands() if precision != "fp32" else contextlib.nullcontext()
     cases, failures = {}, []
     with torch.inference_mode(), islands:

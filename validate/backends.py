@@ -122,8 +122,8 @@ class OnnxBackend:
         self.manifest = self.session.manifest
         quantized = self.manifest.get("quantization") or {}
         self.calibration = quantized.get("calibration")  # the quantized checkpoint's, for the overlap check
-        flavour = {"ort": "", "tensorrt": "-trt"}.get(self.session.flavour or "ort", "")
-        self.name = f"onnx-{quantized.get('variant', self.precision)}{flavour}"
+        suffix = "-trt" if self.session.flavour == "tensorrt" else ""
+        self.name = f"onnx-{quantized.get('variant', self.precision)}{suffix}"
 
     def trace(self, inputs: Inputs) -> dict[str, np.ndarray]:
         out = self.session.trace(inputs["input_ids"], inputs.get("pixel_values"), inputs["media_offset"])
