@@ -21,11 +21,17 @@ def add_export_parser(subparsers: argparse._SubParsersAction) -> argparse.Argume
     )
     parser.add_argument(
         "--target", choices=FLAVOURS, default="ort",
-        help="quantized checkpoints: ort (MatMulNBits, fp32 compute) or tensorrt (standard Q/DQ, fp16; opset 21)",
+        help="ort: ONNX Runtime's fused operators, in-place KV cache (quantized: MatMulNBits, fp32 compute); "
+        "tensorrt: standard operators (quantized: Q/DQ, fp16, opset 21)",
     )  # fmt: skip
     parser.add_argument(
         "--accuracy-level", type=int, choices=ACCURACY_LEVELS, default=ACCURACY_LEVEL,
         help=f"ort flavour: MatMulNBits accuracy_level (0 exact fp32, 4 int8 activations; default {ACCURACY_LEVEL})",
+    )  # fmt: skip
+    parser.add_argument(
+        "--unfused", action="store_true",
+        help="ort flavour: standard attention with a concatenated KV cache instead of ONNX Runtime's fused "
+        "operators and in-place cache (for comparison)",
     )  # fmt: skip
     parser.add_argument("--output", type=Path, required=True, help="export directory")
     parser.add_argument("--no-validate", action="store_true", help="skip the comparison with PyTorch")
@@ -97,7 +103,7 @@ def cmd_export_stage(args: argparse.Namespace) -> int:
     model_dir = resolve_model_dir(args.model)
     export_model(
         model_dir, args.output, args.precision, target=args.target, accuracy_level=args.accuracy_level,
-        force=args.force, validate=not args.no_validate, progress=_note,
+        fused=False if args.unfused else None, force=args.force, validate=not args.no_validate, progress=_note,
     )  # fmt: skip
     print(args.output)
     return 0

@@ -16,7 +16,7 @@ from owl3.export.specs import GraphSpec
 from owl3.model.owl3 import Owl3Model, VisualMemory
 
 WRAPPER_PREFIX = "model."
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "int64": torch.int64}
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "int64": torch.int64, "int32": torch.int32}
 
 
 def checkpoint_key(initializer_name: str) -> str:
@@ -76,7 +76,12 @@ class DecoderGraph(nn.Module):
         return logits, [t for kv in present for t in kv]
 
 
-def graph_module(name: str, model: Owl3Model) -> nn.Module:
+def graph_module(name: str, model: Owl3Model, fused: bool = False) -> nn.Module:
+    """The wrapper of graph ``name``; ``fused``: the decoder on ONNX Runtime's kernels (``owl3.export.fused``)."""
+    if fused and name == "decoder":
+        from owl3.export.fused import FusedDecoderGraph
+
+        return FusedDecoderGraph(model)
     return {"vision": VisionGraph, "visual_memory": VisualMemoryGraph, "decoder": DecoderGraph}[name](model)
 
 
@@ -87,6 +92,8 @@ def trace_inputs(spec: GraphSpec, device: torch.device | str) -> tuple[tuple[Any
     def example(index: int) -> Tensor:
         tensor = spec.inputs[index]
         shape = [spec.sample[d] if isinstance(d, str) else d for d in tensor.shape]
+        if tensor.name == "total_sequence_length":  # a scalar the fused decoder reads
+            return torch.tensor(spec.sample["seq"], dtype=torch.int32, device=device)
         return torch.zeros(shape, dtype=_DTYPES[tensor.dtype], device=device)
 
     def dynamic(index: int) -> dict[int, Dim]:
@@ -96,7 +103,7 @@ def trace_inputs(spec: GraphSpec, device: torch.device | str) -> tuple[tuple[Any
     if spec.name != "decoder":
         return tuple(example(i) for i in range(count)), tuple(dynamic(i) for i in range(count))
     first_visual = next(i for i, t in enumerate(spec.inputs) if t.name.startswith("visual_"))
-    first_past = 4  # input_ids, position_ids, visible_images, logit_positions
+    first_past = next(i for i, t in enumerate(spec.inputs) if t.name.startswith("past_"))
     args = (
         *(example(i) for i in range(first_past)),
         [example(i) for i in range(first_past, first_visual)],

@@ -44,9 +44,16 @@ class ExportError(Owl3Error):
     """The exporter produced a graph that fails its checks (a bug: exit 1)."""
 
 
-def trace_graph(name: str, config: Owl3Config, precision: str) -> ir.Model:
-    """Trace graph ``name`` on the meta device in ``precision`` (fp32 | fp16); initializers carry no data yet."""
-    spec = graph_specs(config, precision)[name]
+def trace_graph(name: str, config: Owl3Config, precision: str, fused: bool = False) -> ir.Model:
+    """Trace graph ``name`` on the meta device in ``precision`` (fp32 | fp16); initializers carry no data yet.
+    ``fused``: the decoder on ONNX Runtime's fused operators with the in-place cache (``owl3.export.fused``)."""
+    spec = graph_specs(config, precision, fused)[name]
+    translations = {}
+    if fused:
+        from owl3.export.fused import TRANSLATIONS, register_contrib_schemas
+
+        register_contrib_schemas()
+        translations = TRANSLATIONS
     with torch.device("meta"):
         model = Owl3Model(config).to(TORCH_DTYPES[precision]).eval()
     args, dynamic = trace_inputs(spec, "meta")
@@ -55,7 +62,7 @@ def trace_graph(name: str, config: Owl3Config, precision: str) -> ir.Model:
     with islands, warnings.catch_warnings(), contextlib.redirect_stdout(quiet), _quiet_exporter_logs():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
-            graph_module(name, model),
+            graph_module(name, model, fused),
             args,
             dynamo=True,
             dynamic_shapes=dynamic,
@@ -63,6 +70,7 @@ def trace_graph(name: str, config: Owl3Config, precision: str) -> ir.Model:
             input_names=[t.name for t in spec.inputs],
             output_names=[t.name for t in spec.outputs],
             optimize=False,  # folding would read the (meta) weights; ONNX Runtime optimises at load
+            custom_translation_table=translations,
         )
     return program.model
 
@@ -224,23 +232,40 @@ def check_graph(path: Path, *, contrib: bool = False) -> None:
 
 
 def export_graph(
-    name: str, config: Owl3Config, precision: str, reader: CheckpointReader, directory: Path, rewrite=None
+    name: str,
+    config: Owl3Config,
+    precision: str,
+    reader: CheckpointReader,
+    directory: Path,
+    rewrite=None,
+    *,
+    fused: bool = False,
 ) -> dict:
-    """Trace, name, (quantize,) bind, save and check one graph; returns its manifest entry.
+    """Trace, name, (fuse,) (quantize,) bind, save and check one graph; returns its manifest entry.
 
-    ``precision`` is the float dtype the graph computes in; ``rewrite`` (``owl3.export.quantized``) turns the
-    packed Linears of a quantized checkpoint into integer weights before the float weights are bound."""
-    spec = graph_specs(config, precision)[name]
-    model = trace_graph(name, config, precision)
+    ``precision`` is the float dtype the graph computes in; ``fused``: ONNX Runtime's fused operators (the
+    ort flavour: RMSNorm fusions in every graph, the fused in-place decoder); ``rewrite``
+    (``owl3.export.quantized``) turns the packed Linears of a quantized checkpoint into integer weights before
+    the float weights are bound."""
+    spec = graph_specs(config, precision, fused)[name]
+    model = trace_graph(name, config, precision, fused)
     name_nodes_by_module(model)
     fold_constant_subgraphs(model)
+    fusions = None
+    if fused:
+        from owl3.export.fused import finish_fused_graph, register_contrib_schemas
+
+        register_contrib_schemas()  # the checker reads them too
+        fusions = finish_fused_graph(model, config)
     quantized = rewrite(model) if rewrite is not None else None
     weight_bytes = bind_weights(model, reader)
     path = save_graph(model, spec, directory)
-    check_graph(path, contrib=any(domain not in ("", "ai.onnx") for domain in model.opset_imports))
+    check_graph(path, contrib=fused or any(domain not in ("", "ai.onnx") for domain in model.opset_imports))
     ops = Counter(node.op_type for node in model.graph)
     entry = {**spec.signature(), "ir_version": model.ir_version, "opset": model.opset_imports[""],
              "weight_bytes": weight_bytes, "op_counts": dict(ops)}  # fmt: skip
+    if fusions is not None:
+        entry["fusions"] = fusions
     if quantized is not None:
         from owl3.export.quantized import check_quantized_graph, count_quantized_nodes
 

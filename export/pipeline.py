@@ -19,7 +19,7 @@ from owl3.artifacts import check_free_disk, source_record, staged_output, tool_v
 from owl3.config import Owl3Config
 from owl3.errors import GateFailure, ResourceError, UsageError
 from owl3.export.onnx_export import TORCH_DTYPES, CheckpointReader, export_graph
-from owl3.export.specs import ACCURACY_LEVEL, GRAPH_NAMES, PRECISIONS, SCHEMA, SCHEMA_VERSION
+from owl3.export.specs import ACCURACY_LEVEL, FLAVOURS, GRAPH_NAMES, PRECISIONS, SCHEMA, SCHEMA_VERSION
 from owl3.model.safetensors_files import discover_checkpoint
 from owl3.model.weights import (
     available_ram_bytes,
@@ -50,6 +50,7 @@ def export_model(
     *,
     target: str = "ort",
     accuracy_level: int = ACCURACY_LEVEL,
+    fused: bool | None = None,
     force: bool = False,
     validate: bool = True,
     progress: Progress | None = None,
@@ -58,8 +59,20 @@ def export_model(
 
     A float checkpoint exports at ``precision`` (fp32 | fp16; default fp32). A GPTQ checkpoint written by
     ``owl3-export quantize`` (or GPTQ-format elsewhere) exports its own precision (int4 | int8 | w8a8) in the
-    ``target`` flavour: ``ort`` (MatMulNBits, fp32 compute, ``accuracy_level``) or ``tensorrt`` (Q/DQ, fp16)."""
+    ``target`` flavour: ``ort`` (MatMulNBits, fp32 compute, ``accuracy_level``) or ``tensorrt`` (Q/DQ, fp16).
+    Float exports take the flavour too. The ort flavour uses ONNX Runtime's fused operators with the in-place
+    KV cache (``owl3.export.fused``) unless ``fused=False`` (the standard decoder, kept for comparison); the
+    tensorrt flavour has standard operators only."""
     say = progress or (lambda _message: None)
+    if target not in FLAVOURS:
+        raise UsageError(f"unknown export target {target!r}", where="--target", fix=f"use one of {FLAVOURS}")
+    if fused and target != "ort":
+        raise UsageError(
+            "ONNX Runtime's fused operators exist only in the ort flavour",
+            where="--target",
+            fix="export --target ort, or drop the fused option for tensorrt",
+        )
+    fused = target == "ort" if fused is None else fused
     model_dir, output = Path(model_dir), Path(output_dir)
     config = Owl3Config.from_hf_json(model_dir)
     files = discover_checkpoint(model_dir)
@@ -103,14 +116,14 @@ def export_model(
         graphs = {}
         for name in GRAPH_NAMES:
             started = time.perf_counter()
-            say(f"exporting the {name} graph ({precision}{f', {target} flavour' if rewrite else ''})")
-            graphs[name] = export_graph(name, config, compute, reader, staging, rewrite)
+            say(f"exporting the {name} graph ({precision}, {target} flavour{', fused' if fused else ''})")
+            graphs[name] = export_graph(name, config, compute, reader, staging, rewrite, fused=fused)
             say(f"exported {name}.onnx in {time.perf_counter() - started:.1f} s")
-        readiness = _tensorrt_readiness(staging, rewrite.flavour.name if rewrite else None, say)
+        readiness = _tensorrt_readiness(staging, target, say)
         for side in SIDE_FILES:
             if (model_dir / side).is_file():
                 shutil.copyfile(model_dir / side, staging / side)
-        validation = _validate(staging, model_dir, compute, quantized, say) if validate else None
+        validation = _validate(staging, model_dir, compute, quantized, target, say) if validate else None
         manifest = {
             "schema": SCHEMA,
             "schema_version": SCHEMA_VERSION,
@@ -118,7 +131,8 @@ def export_model(
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "precision": precision,
             "compute": compute,
-            "flavour": quantized["flavour"] if quantized else None,
+            "flavour": target,
+            "fused": fused,
             "quantization": quantized,
             "opset": max(g["opset"] for g in graphs.values()),
             "ir_version": max(g["ir_version"] for g in graphs.values()),
@@ -145,9 +159,9 @@ def export_model(
     return output
 
 
-def _tensorrt_readiness(staging: Path, flavour: str | None, say: Progress) -> dict[str, Any] | None:
-    """What the TensorRT 10.3 and 11.1 parsers would reject (``owl3.export.trt_check``); the TensorRT flavour
-    must pass for 10.3 (anything it finds is a bug here), float exports record it (ORT's flavour is not for it)."""
+def _tensorrt_readiness(staging: Path, flavour: str, say: Progress) -> dict[str, Any] | None:
+    """What the TensorRT 10.3 and 11.1 parsers would reject (``owl3.export.trt_check``): the TensorRT flavour
+    must pass for 10.3 (anything it finds is a bug here); ORT's flavour is not for TensorRT."""
     if flavour == "ort":
         return None
     from owl3.export.onnx_export import ExportError
@@ -175,12 +189,14 @@ def _check_validation_memory(weight_bytes: int) -> None:
         )
 
 
-def _validate(staging: Path, model_dir: Path, compute: str, quantized: dict | None, say: Progress) -> dict[str, Any]:
+def _validate(
+    staging: Path, model_dir: Path, compute: str, quantized: dict | None, flavour: str, say: Progress
+) -> dict[str, Any]:
     from owl3.export.verify import verify_export
 
     started = time.perf_counter()
     say("validating every graph against the PyTorch reference" + (" on the same checkpoint" if quantized else ""))
-    result = verify_export(staging, model_dir, compute, quantized)
+    result = verify_export(staging, model_dir, compute, quantized, flavour)
     verdict = "passed" if result["passed"] else f"FAILED ({len(result['failures'])} checks)"
     say(f"validation {verdict} in {time.perf_counter() - started:.1f} s")
     return result

@@ -10,6 +10,13 @@ decoder        in:  input_ids, position_ids, visible_images [batch, seq] (int64)
                     visual_key_j, visual_value_j [batch, nkv, visual, hd] per hyper layer j
                out: logits [batch, logit_count, V] (float32), present_key_i, present_value_i [batch, nkv, past+seq, hd]
 
+The fused decoder (the ONNX Runtime flavour, ``fused=True``; ``owl3.export.fused``) keeps the cache in place:
+               in:  as above, plus seqlens_k [batch] (int32, total - 1) and total_sequence_length [] (int32)
+                    after logit_positions; past_key_i, past_value_i [batch, nkv, capacity, hd] are buffers
+                    (capacity >= total) whose first total - seq rows are the past
+               out: logits, present_key_i, present_value_i [batch, nkv, capacity, hd]: the same buffers with the
+                    seq new rows written (in place when bound to the same memory)
+
 ``visible_images[b, t]`` is how many of sample b's images token t sees: ``seen(t)`` for prompt tokens,
 the sample's image count for generated tokens, 0 for no cross-attention. ``past`` and ``visual`` may be 0.
 String dims are dynamic; ``sample`` gives the sizes the exporter traces with (all >= 2, so torch.export
@@ -60,7 +67,7 @@ def visual_value(j: int) -> str:
 @dataclass(frozen=True)
 class TensorSpec:
     name: str
-    dtype: str  # "float32" | "float16" | "int64"
+    dtype: str  # "float32" | "float16" | "int64" | "int32"
     shape: tuple[int | str, ...]
 
     def to_json(self) -> dict[str, object]:
@@ -90,8 +97,8 @@ def float_dtype(precision: str) -> str:
     return {"fp32": "float32", "fp16": "float16"}[precision]
 
 
-def graph_specs(config: Owl3Config, precision: str) -> dict[str, GraphSpec]:
-    """The three graph specs of ``config`` at ``precision`` (fp32 | fp16)."""
+def graph_specs(config: Owl3Config, precision: str, fused: bool = False) -> dict[str, GraphSpec]:
+    """The three graph specs of ``config`` at ``precision`` (fp32 | fp16); ``fused``: the in-place decoder."""
     f = float_dtype(precision)
     text, size = config.text, config.vision.image_size
     p, h, nkv, hd = config.image_tokens, text.hidden_size, text.num_key_value_heads, text.head_dim
@@ -113,6 +120,12 @@ def graph_specs(config: Owl3Config, precision: str) -> dict[str, GraphSpec]:
         ),
         sample={"batch": 2, "max_images": 2},
     )
+    past, present = ("capacity", "capacity") if fused else ("past", "past+seq")
+    cache_inputs = (
+        (TensorSpec("seqlens_k", "int32", ("batch",)), TensorSpec("total_sequence_length", "int32", ()))
+        if fused
+        else ()
+    )
     decoder = GraphSpec(
         "decoder",
         inputs=(
@@ -120,7 +133,8 @@ def graph_specs(config: Owl3Config, precision: str) -> dict[str, GraphSpec]:
             TensorSpec("position_ids", "int64", ("batch", "seq")),
             TensorSpec("visible_images", "int64", ("batch", "seq")),
             TensorSpec("logit_positions", "int64", ("batch", "logit_count")),
-            *(TensorSpec(name(i), f, ("batch", nkv, "past", hd)) for i in layers for name in (past_key, past_value)),
+            *cache_inputs,
+            *(TensorSpec(name(i), f, ("batch", nkv, past, hd)) for i in layers for name in (past_key, past_value)),
             *(
                 TensorSpec(name(j), f, ("batch", nkv, "visual", hd))
                 for j in hyper
@@ -130,11 +144,11 @@ def graph_specs(config: Owl3Config, precision: str) -> dict[str, GraphSpec]:
         outputs=(
             TensorSpec("logits", "float32", ("batch", "logit_count", text.vocab_size)),
             *(
-                TensorSpec(name(i), f, ("batch", nkv, "past+seq", hd))
+                TensorSpec(name(i), f, ("batch", nkv, present, hd))
                 for i in layers
                 for name in (present_key, present_value)
             ),
         ),
-        sample={"batch": 2, "seq": 3, "logit_count": 2, "past": 4, "visual": 2 * p},
+        sample={"batch": 2, "seq": 3, "logit_count": 2, past: 8 if fused else 4, "visual": 2 * p},
     )
     return {spec.name: spec for spec in (vision, memory, decoder)}

@@ -42,13 +42,37 @@ class _Graphs:
             for name in ("vision", "visual_memory", "decoder")
         }
 
+        self.fused = "seqlens_k" in {i.name for i in self.sessions["decoder"].get_inputs()}
+
     def run(self, name: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         session = self.sessions[name]
+        if name == "decoder" and self.fused:
+            feeds = _in_place_feeds(feeds)
         return dict(zip([o.name for o in session.get_outputs()], session.run(None, feeds), strict=True))
 
 
+def _in_place_feeds(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The fused decoder's feeds for the same step: the past copied into buffers of capacity past + seq (the
+    presents it returns are those buffers, filled), and the cache lengths."""
+    batch, length = feeds["input_ids"].shape
+    past = feeds["past_key_0"].shape[2]
+    out = dict(feeds)
+    for name, value in feeds.items():
+        if name.startswith("past_"):
+            buffer = np.zeros((*value.shape[:2], past + length, value.shape[3]), value.dtype)
+            buffer[:, :, :past] = value
+            out[name] = buffer
+    out["seqlens_k"] = np.full(batch, past + length - 1, dtype=np.int32)
+    out["total_sequence_length"] = np.array(past + length, dtype=np.int32)
+    return out
+
+
 def verify_export(
-    directory: Path, model_dir: Path, precision: str, quantized: dict[str, Any] | None = None
+    directory: Path,
+    model_dir: Path,
+    precision: str,
+    quantized: dict[str, Any] | None = None,
+    flavour: str | None = None,
 ) -> dict[str, Any]:
     """Compare every graph with PyTorch on the same checkpoint in the graphs' float ``precision``; returns
     {"gate", "passed", "failures", "cases": {...}}. ``quantized``: the flavour record of a quantized export,
@@ -56,7 +80,7 @@ def verify_export(
     gate = export_gate(quantized) if quantized else GATES[f"onnx-{precision}"]
     model = load_model(model_dir, dtype=_TORCH[precision])
     processor = Owl3Processor.from_pretrained(model_dir)
-    graphs = _Graphs(directory, quantized["flavour"] if quantized else None)
+    graphs = _Graphs(directory, flavour)
     islands = fp32_islands() if precision != "fp32" else contextlib.nullcontext()
     cases, failures = {}, []
     with torch.inference_mode(), islands:

@@ -270,6 +270,33 @@ class OrtGraph:
             return dict(zip(self.output_names, self.session.run(None, dict(feeds)), strict=True))
         return self._run_bound(feeds, keep)
 
+    def run_in_place(
+        self, feeds: Mapping[str, Any], buffers: Mapping[str, tuple[str, Any]], keep: Collection[str] = ()
+    ) -> dict[str, Any]:
+        """Run with ``buffers`` {input name: (output name, OrtValue)} bound to both the input and the output,
+        so the graph updates them in place (the fused decoder's KV cache); returns the other outputs (numpy,
+        or OrtValues on the device for names in ``keep``). CPU and CUDA alike (CUDA UNVERIFIED)."""
+        binding = self.session.io_binding()
+        for name, value in feeds.items():
+            if isinstance(value, ort.OrtValue):
+                binding.bind_ortvalue_input(name, value)
+            else:
+                binding.bind_cpu_input(name, np.ascontiguousarray(value))
+        shared = {}
+        for name, (output, buffer) in buffers.items():
+            binding.bind_ortvalue_input(name, buffer)
+            binding.bind_ortvalue_output(output, buffer)
+            shared[output] = buffer
+        others = [name for name in self.output_names if name not in shared]
+        for name in others:
+            binding.bind_output(name, self.device if name in keep else "cpu")
+        self.session.run_with_iobinding(binding)
+        values = binding.get_outputs()  # in binding order: the buffers first, then the others
+        return {
+            name: value if name in keep else value.numpy()
+            for name, value in zip(others, values[len(shared) :], strict=True)
+        }
+
     def _run_bound(self, feeds: Mapping[str, Any], keep: Collection[str]) -> dict[str, Any]:
         """CUDA IO binding (UNVERIFIED until run on a GPU)."""
         binding = self.session.io_binding()
@@ -299,6 +326,12 @@ class OrtBackend:
     @property
     def device(self) -> str:
         return _device(self.active_providers)
+
+    def buffer(self, shape: Sequence[int], dtype: np.dtype) -> ort.OrtValue:
+        """An uninitialised buffer owned by ONNX Runtime on this backend's device (the fused decoder's
+        in-place KV cache: rows past the filled length are never read). Not ``ortvalue_from_numpy``: that
+        OrtValue does not keep its array alive, and the freed memory gets reused under it. CUDA UNVERIFIED."""
+        return ort.OrtValue.ortvalue_from_shape_and_type(list(shape), dtype, self.device, 0)
 
 
 def _device(active: Sequence[str]) -> str:
@@ -330,7 +363,8 @@ def load_backend(
     profiles = {}
     if TENSORRT in chain and profile_limits is not None:  # the TensorRT EP's explicit shapes, per graph
         compute = manifest.get("compute") or manifest["precision"]
-        profiles = graph_profiles(Owl3Config.from_hf_json(manifest["config"]), compute, profile_limits)
+        config = Owl3Config.from_hf_json(manifest["config"])
+        profiles = graph_profiles(config, compute, profile_limits, bool(manifest.get("fused")))
     sessions = {}
     for name, graph in manifest["graphs"].items():
         path = directory / graph["file"]

@@ -53,15 +53,18 @@ def dim_ranges(limits: ProfileLimits, config: Owl3Config) -> dict[str, tuple[int
         "seq": (1, 1, limits.max_context),
         "logit_count": (1, 1, limits.max_context),
         "past": (0, half, limits.max_context - 1),
+        "capacity": (1, half, limits.max_context),  # the fused decoder's in-place cache
         "visual": (0, config.image_tokens, limits.max_visual_tokens),
     }
 
 
-def graph_profiles(config: Owl3Config, compute: str, limits: ProfileLimits) -> dict[str, dict[str, list[Shape]]]:
+def graph_profiles(
+    config: Owl3Config, compute: str, limits: ProfileLimits, fused: bool = False
+) -> dict[str, dict[str, list[Shape]]]:
     """{graph: {input name: [min shape, opt shape, max shape]}} for every input with a dynamic dim."""
     ranges = dim_ranges(limits, config)
     profiles: dict[str, dict[str, list[Shape]]] = {}
-    for name, spec in graph_specs(config, compute).items():
+    for name, spec in graph_specs(config, compute, fused).items():
         inputs = {}
         for tensor in spec.inputs:
             if all(isinstance(d, int) for d in tensor.shape):

@@ -62,6 +62,20 @@ class GenerationResult:
     timings: dict[str, float] = field(default_factory=dict)
 
 
+@dataclass
+class InPlaceCache:
+    """One request's KV cache for the fused decoder: per layer a K and a V buffer [B, nkv, capacity, hd],
+    allocated once and updated in place (``buffers``: past input name -> (present output name, buffer));
+    ``length``: the rows filled."""
+
+    buffers: dict[str, tuple[str, Any]]
+    length: int = 0
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """The filled rows by present output name, as numpy copies."""
+        return {present: buffer.numpy()[:, :, : self.length] for present, buffer in self.buffers.values()}
+
+
 class Owl3Session:
     """An exported mPLUG-Owl3 on ONNX Runtime. See the module docstring; limits are per request."""
 
@@ -104,7 +118,8 @@ class Owl3Session:
                 where=str(self.export_dir / "manifest.json"),
                 fix="export again with this version of owl3-export",
             )
-        self._specs = graph_specs(self.config, self.compute)
+        self.fused: bool = bool(self.manifest.get("fused"))  # ONNX Runtime's fused decoder, in-place cache
+        self._specs = graph_specs(self.config, self.compute, self.fused)
         self._float = np.dtype(float_dtype(self.compute))
         graphs = self.manifest.get("graphs", {})
         wrong = [name for name, spec in self._specs.items() if not same_signature(graphs.get(name), spec.signature())]
@@ -247,8 +262,11 @@ class Owl3Session:
         embeds = self._encode(request.pixel_values[:used]) if request.pixel_values is not None and used else None
         visual = self._memory(embeds, placement, keep_on_device=False)
         positions = np.tile(np.arange(ids.shape[1], dtype=np.int64), (ids.shape[0], 1))
-        out = self._decode(ids, positions, placement.seen, None, visual, logit_positions=positions)
+        cache = self._new_cache(ids.shape[0], ids.shape[1])
+        out = self._decode(ids, positions, placement.seen, None, visual, cache, logit_positions=positions)
         out = {name: np.asarray(value) for name, value in out.items()}
+        if cache is not None:
+            out.update(cache.arrays())
         if embeds is not None:
             out.update({"image_embeds": embeds, **{name: np.asarray(v) for name, v in visual.items()}})
         return out
@@ -265,7 +283,9 @@ class Owl3Session:
         placement, ids = req.placement, req.input_ids
         batch, length = ids.shape
         clock = time.perf_counter()
-        out = self._decode(ids, np.tile(np.arange(length, dtype=np.int64), (batch, 1)), placement.seen, None, visual)
+        cache = self._new_cache(batch, length + req.max_new_tokens)
+        positions = np.tile(np.arange(length, dtype=np.int64), (batch, 1))
+        out = self._decode(ids, positions, placement.seen, None, visual, cache)
         timings["prefill_s"] = time.perf_counter() - clock
         history, finished, rng = ids, np.zeros(batch, dtype=bool), req.sampling.generator()
         busy, step = 0.0, 0
@@ -285,7 +305,7 @@ class Owl3Session:
                 clock = time.perf_counter()
                 history = np.concatenate((history, token[:, None]), axis=1)
                 positions = np.full((batch, 1), length + step, dtype=np.int64)
-                out = self._decode(token[:, None], positions, placement.counts[:, None], out, visual)
+                out = self._decode(token[:, None], positions, placement.counts[:, None], out, visual, cache)
                 busy += time.perf_counter() - clock
         finally:
             timings["new_tokens"] = float(step + 1)
@@ -312,16 +332,12 @@ class Owl3Session:
         visible: np.ndarray,
         previous: Mapping[str, Any] | None,
         visual: Mapping[str, Any],
+        cache: InPlaceCache | None = None,
         logit_positions: np.ndarray | None = None,
     ) -> dict[str, Any]:
-        """One decoder run. ``previous``: the last run's outputs (their present K/V become the past);
-        ``logit_positions``: the positions to project onto the vocabulary (default: the last one)."""
-        if previous is None:
-            text = self.config.text
-            empty = np.zeros((ids.shape[0], text.num_key_value_heads, 0, text.head_dim), self._float)
-            past = {name: empty for name, _ in self._past_pairs}
-        else:
-            past = {name: previous[present] for name, present in self._past_pairs}
+        """One decoder run. ``previous``: the last run's outputs (their present K/V become the past), or for
+        the fused decoder ``cache``, the request's in-place buffers; ``logit_positions``: the positions to
+        project onto the vocabulary (default: the last one)."""
         if logit_positions is None:  # generation needs the last position only
             logit_positions = np.full((ids.shape[0], 1), ids.shape[1] - 1, dtype=np.int64)
         feeds = {
@@ -329,10 +345,32 @@ class Owl3Session:
             "position_ids": np.ascontiguousarray(positions),
             "visible_images": np.ascontiguousarray(visible, dtype=np.int64),
             "logit_positions": np.ascontiguousarray(logit_positions, dtype=np.int64),
-            **past,
             **visual,
         }
-        return self.backend.graphs["decoder"].run(feeds, keep=self._present_names)
+        decoder = self.backend.graphs["decoder"]
+        if cache is not None:
+            total = cache.length + ids.shape[1]
+            feeds["seqlens_k"] = np.full(ids.shape[0], total - 1, dtype=np.int32)
+            feeds["total_sequence_length"] = np.array(total, dtype=np.int32)
+            out = decoder.run_in_place(feeds, cache.buffers)
+            cache.length = total
+            return out
+        if previous is None:
+            text = self.config.text
+            empty = np.zeros((ids.shape[0], text.num_key_value_heads, 0, text.head_dim), self._float)
+            past = {name: empty for name, _ in self._past_pairs}
+        else:
+            past = {name: previous[present] for name, present in self._past_pairs}
+        return decoder.run({**feeds, **past}, keep=self._present_names)
+
+    def _new_cache(self, batch: int, capacity: int) -> InPlaceCache | None:
+        """The request's KV buffers for the fused decoder (None for the concatenating one)."""
+        if not self.fused:
+            return None
+        text = self.config.text
+        shape = (batch, text.num_key_value_heads, capacity, text.head_dim)
+        buffers = {past: (present, self.backend.buffer(shape, self._float)) for past, present in self._past_pairs}
+        return InPlaceCache(buffers)
 
     # ---- chat ----------------------------------------------------------------------------------------
     def generate(

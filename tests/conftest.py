@@ -61,21 +61,33 @@ def demo_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_demo_model(tmp_path_factory.mktemp("demo") / "owl3-demo")
 
 
-def _export(tmp_path_factory: pytest.TempPathFactory, model_dir: Path, precision: str) -> Path:
+def _export(tmp_path_factory: pytest.TempPathFactory, model_dir: Path, precision: str, target: str = "ort") -> Path:
     from owl3.export.pipeline import export_model
 
-    return export_model(model_dir, tmp_path_factory.mktemp("exports") / f"demo-{precision}", precision)
+    out = tmp_path_factory.mktemp("exports") / f"demo-{precision}-{target}"
+    return export_model(model_dir, out, precision, target=target)
 
 
 @pytest.fixture(scope="session")
 def demo_export_fp32(tmp_path_factory: pytest.TempPathFactory, demo_model_dir: Path) -> Path:
-    """The demo model exported and validated in fp32 (shared by export and runtime tests)."""
+    """The demo model exported and validated in fp32, ONNX Runtime flavour: fused operators, in-place cache."""
     return _export(tmp_path_factory, demo_model_dir, "fp32")
+
+
+@pytest.fixture(scope="session")
+def demo_export_fp32_standard(tmp_path_factory: pytest.TempPathFactory, demo_model_dir: Path) -> Path:
+    """The same in the TensorRT flavour: standard operators, concatenated cache (what the fused one replaces)."""
+    return _export(tmp_path_factory, demo_model_dir, "fp32", "tensorrt")
 
 
 @pytest.fixture(scope="session")
 def demo_export_fp16(tmp_path_factory: pytest.TempPathFactory, demo_model_dir: Path) -> Path:
     return _export(tmp_path_factory, demo_model_dir, "fp16")
+
+
+@pytest.fixture(scope="session")
+def demo_export_fp16_trt(tmp_path_factory: pytest.TempPathFactory, demo_model_dir: Path) -> Path:
+    return _export(tmp_path_factory, demo_model_dir, "fp16", "tensorrt")
 
 
 def quantize_demo(

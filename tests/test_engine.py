@@ -156,24 +156,24 @@ def test_build_engine_refuses_the_ort_flavour_before_needing_tensorrt(tmp_path: 
 
 
 @pytest.mark.skipif(HAS_TENSORRT, reason="TensorRT is installed: the real build runs instead")
-def test_build_engine_without_tensorrt_says_where_to_build(demo_export_fp16: Path, tmp_path: Path, capsys) -> None:
+def test_build_engine_without_tensorrt_says_where_to_build(demo_export_fp16_trt: Path, tmp_path: Path, capsys) -> None:
     from owl3.cli import main
 
-    assert main(["build-engine", str(demo_export_fp16), "--output", str(tmp_path / "e")]) == 4
+    assert main(["build-engine", str(demo_export_fp16_trt), "--output", str(tmp_path / "e")]) == 4
     err = capsys.readouterr().err
     assert "TensorRT is not installed here" in err and "JetPack" in err
     assert not (tmp_path / "e").exists()
 
 
 @pytest.mark.skipif(not HAS_TENSORRT, reason="needs TensorRT and an NVIDIA GPU (not on the development machines)")
-def test_engines_build_and_pass_their_own_compatibility_check(demo_export_fp16: Path, tmp_path: Path) -> None:
-    output = build_engines(demo_export_fp16, tmp_path / "engines", limits=ProfileLimits(1, 2, 2 * 4, 64))
+def test_engines_build_and_pass_their_own_compatibility_check(demo_export_fp16_trt: Path, tmp_path: Path) -> None:
+    output = build_engines(demo_export_fp16_trt, tmp_path / "engines", limits=ProfileLimits(1, 2, 2 * 4, 64))
     manifest = json.loads((output / "manifest.json").read_text())
     assert set(manifest["engines"]) == {"vision", "visual_memory", "decoder"}
     check_engines(manifest, output)
 
 
-def test_load_backend_gives_the_tensorrt_provider_each_graphs_profile(demo_export_fp16: Path, monkeypatch) -> None:
+def test_load_backend_gives_the_tensorrt_provider_each_graphs_profile(demo_export_fp16_trt: Path, monkeypatch) -> None:
     """ONNX Runtime with TensorRT is not installable here: the session class is replaced by one that records the
     provider entries each graph was given, which is all load_backend decides."""
     from owl3.runtime import backend
@@ -195,10 +195,10 @@ def test_load_backend_gives_the_tensorrt_provider_each_graphs_profile(demo_expor
 
     monkeypatch.setattr(backend, "resolve_providers", lambda provider: [TENSORRT, "CPUExecutionProvider"])
     monkeypatch.setattr(backend.ort, "InferenceSession", Recording)
-    manifest = read_export(demo_export_fp16, "size")
+    manifest = read_export(demo_export_fp16_trt, "size")
     config = Owl3Config.from_hf_json(manifest["config"])
     limits = ProfileLimits(2, 3, 3 * config.image_tokens, 64)
-    backend.load_backend(demo_export_fp16, manifest, "tensorrt", profile_limits=limits)
+    backend.load_backend(demo_export_fp16_trt, manifest, "tensorrt", profile_limits=limits)
     assert set(given) == {"vision", "visual_memory", "decoder"}
     decoder = dict(given["decoder"][0][1])
     assert "input_ids:2x64" in decoder["trt_profile_max_shapes"].split(",")

@@ -17,6 +17,7 @@ from owl3.checkpoint import random_state_dict, save_checkpoint
 from owl3.config import Owl3Config
 from owl3.errors import GateFailure, ResourceError, TokenizerError, UsageError
 from owl3.export import onnx_export
+from owl3.export.fused import COS_CACHE, SIN_CACHE, register_contrib_schemas
 from owl3.export.pipeline import export_model
 from owl3.export.specs import GRAPH_NAMES, SCHEMA, graph_specs
 from owl3.model.safetensors_files import discover_checkpoint
@@ -37,6 +38,7 @@ def test_fp32_export_is_complete_checked_and_validated(demo_export_fp32: Path, d
     assert set(manifest["validation"]["cases"]) == {"text", "one_image", "three_images"}
     source = manifest["source"]["files"]["model.safetensors"]
     assert source == json.loads(json.dumps(source)) and len(source["sha256"]) == 64
+    register_contrib_schemas()  # ONNX Runtime's fused operators (the default ort flavour)
     for name in GRAPH_NAMES:
         assert (demo_export_fp32 / f"{name}.onnx.data").stat().st_size > 0
         onnx.checker.check_model(str(demo_export_fp32 / f"{name}.onnx"), full_check=True)
@@ -45,27 +47,33 @@ def test_fp32_export_is_complete_checked_and_validated(demo_export_fp32: Path, d
 def test_graph_signatures_follow_the_specs(demo_export_fp32: Path) -> None:
     manifest = _manifest(demo_export_fp32)
     config = Owl3Config.from_hf_json(manifest["config"])
-    for name, spec in graph_specs(config, "fp32").items():
+    for name, spec in graph_specs(config, "fp32", manifest["fused"]).items():
         session = ort.InferenceSession(str(demo_export_fp32 / spec.file), providers=["CPUExecutionProvider"])
         assert [i.name for i in session.get_inputs()] == [t.name for t in spec.inputs]
         assert [o.name for o in session.get_outputs()] == [t.name for t in spec.outputs]
         assert manifest["graphs"][name]["inputs"] == [t.to_json() for t in spec.inputs]
 
 
-def test_node_and_initializer_names_trace_back_to_the_model(demo_export_fp32: Path, demo_model_dir: Path) -> None:
-    graph = onnx.load(str(demo_export_fp32 / "decoder.onnx"), load_external_data=False).graph
+def test_node_and_initializer_names_trace_back_to_the_model(
+    demo_export_fp32: Path, demo_export_fp32_standard: Path, demo_model_dir: Path
+) -> None:
     keys = set(discover_checkpoint(demo_model_dir).tensors)
+    graph = onnx.load(str(demo_export_fp32_standard / "decoder.onnx"), load_external_data=False).graph
     assert {i.name for i in graph.initializer} <= keys
     assert any(n.name.startswith("language_model.model.layers.0.self_attn/") for n in graph.node)
     assert any(n.name.startswith("language_model.model.layers.0.input_layernorm/Pow") for n in graph.node)
+    fused = onnx.load(str(demo_export_fp32 / "decoder.onnx"), load_external_data=False).graph
+    assert {i.name for i in fused.initializer} <= keys | {COS_CACHE, SIN_CACHE}  # + the shared rotary caches
+    assert any(n.name.startswith("language_model.model.layers.0.self_attn/GroupQueryAttention") for n in fused.node)
     vision = onnx.load(str(demo_export_fp32 / "vision.onnx"), load_external_data=False).graph
     assert all(i.name.startswith(("vision_model.", "vision2text_model.")) for i in vision.initializer)
 
 
-def test_zero_past_and_zero_visual_length_run_without_nan(demo_export_fp32: Path) -> None:
-    config = Owl3Config.from_hf_json(_manifest(demo_export_fp32)["config"])
+def test_zero_past_and_zero_visual_length_run_without_nan(demo_export_fp32_standard: Path) -> None:
+    config = Owl3Config.from_hf_json(_manifest(demo_export_fp32_standard)["config"])
     spec = graph_specs(config, "fp32")["decoder"]
-    session = ort.InferenceSession(str(demo_export_fp32 / "decoder.onnx"), providers=["CPUExecutionProvider"])
+    path = demo_export_fp32_standard / "decoder.onnx"
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     nkv, hd = config.text.num_key_value_heads, config.text.head_dim
     for batch, seq, visible in ((1, 5, 0), (2, 3, 0), (1, 1, 0)):
         feeds = {"input_ids": np.ones((batch, seq), np.int64), "position_ids": np.tile(np.arange(seq), (batch, 1))}
@@ -77,12 +85,15 @@ def test_zero_past_and_zero_visual_length_run_without_nan(demo_export_fp32: Path
         assert logits.shape == (batch, seq, config.text.vocab_size) and np.isfinite(logits).all()
 
 
-def test_fp16_export_passes_its_gates_with_sensitive_math_in_fp32(demo_export_fp16: Path) -> None:
-    manifest = _manifest(demo_export_fp16)
-    assert manifest["status"] == "ok" and manifest["validation"]["passed"], manifest["validation"]["failures"]
-    cosines = [t["cosine"] for c in manifest["validation"]["cases"].values() for t in c["tensors"]]
-    assert min(cosines) >= 0.9999
-    model = onnx.shape_inference.infer_shapes(onnx.load(str(demo_export_fp16 / "decoder.onnx")))
+def test_fp16_export_passes_its_gates_with_sensitive_math_in_fp32(
+    demo_export_fp16: Path, demo_export_fp16_trt: Path
+) -> None:
+    for directory in (demo_export_fp16, demo_export_fp16_trt):  # fused (ONNX Runtime) and standard (TensorRT)
+        manifest = _manifest(directory)
+        assert manifest["status"] == "ok" and manifest["validation"]["passed"], manifest["validation"]["failures"]
+        cosines = [t["cosine"] for c in manifest["validation"]["cases"].values() for t in c["tensors"]]
+        assert min(cosines) >= 0.9999
+    model = onnx.shape_inference.infer_shapes(onnx.load(str(demo_export_fp16_trt / "decoder.onnx")))
     types = {v.name: v.type.tensor_type.elem_type for v in [*model.graph.value_info, *model.graph.input]}
     types.update({i.name: i.data_type for i in model.graph.initializer})
     fp32 = onnx.TensorProto.FLOAT

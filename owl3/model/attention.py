@@ -9,6 +9,11 @@ Two numerics modes:
   attention is a top failure of exported LLMs. RMSNorm is always fp32 (as the official code does).
   It is a scoped switch read at call (and trace) time, never a fork of the model.
 
+A second scoped switch, ``attention_kernels(kernels)``, replaces the attention math (rotary, the KV cache,
+softmax attention, the hyper cross-attention) by other kernels with the same meaning: the ONNX Runtime
+export traces under ``owl3.export.fused.FusedKernels`` to emit ONNX Runtime's fused operators with an
+in-place KV cache. The projections, norms, gate and MLP stay the model's own code.
+
 ``grouped_attention`` computes GQA by broadcasting each KV head over its query heads instead of
 repeating K/V, so no reshape ever involves the key length: a zero-length key axis (no visual memory)
 stays valid when exported to ONNX, where ``Reshape`` reads a runtime 0 as "copy this dimension".
@@ -19,11 +24,45 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
 
 _FP32_ISLANDS: ContextVar[bool] = ContextVar("owl3_fp32_islands", default=False)
+
+
+class AttentionKernels(Protocol):
+    """Attention math for ``Qwen2Attention`` and ``HyperAttention`` (see ``attention_kernels``)."""
+
+    def self_attention(
+        self, q: Tensor, k: Tensor, v: Tensor, past: Any, num_heads: int, num_kv_heads: int
+    ) -> tuple[Tensor, Tensor, Any]:
+        """Projected q [B, L, nh*hd], k, v [B, L, nkv*hd] and the layer's past -> (context [B, L, nh*hd],
+        rotated q [B, nh, L, hd], present)."""
+        ...
+
+    def cross_attention(self, q: Tensor, k: Tensor, v: Tensor, visible_images: Tensor, image_tokens: int) -> Tensor:
+        """Rotated q [B, nh, L, hd] over visual k, v [B, nkv, M, hd], key m visible to token t iff
+        m // image_tokens < visible_images[b, t] -> [B, L, nh, hd]."""
+        ...
+
+
+_KERNELS: ContextVar[AttentionKernels | None] = ContextVar("owl3_attention_kernels", default=None)
+
+
+@contextmanager
+def attention_kernels(kernels: AttentionKernels) -> Iterator[None]:
+    """Within this block, attention runs on ``kernels`` instead of the model's own math."""
+    token = _KERNELS.set(kernels)
+    try:
+        yield
+    finally:
+        _KERNELS.reset(token)
+
+
+def active_kernels() -> AttentionKernels | None:
+    return _KERNELS.get()
 
 
 @contextmanager

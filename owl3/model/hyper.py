@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from owl3.config import TextConfig
-from owl3.model.attention import compute_dtype, grouped_attention, rope_inv_freq, rotate_half
+from owl3.model.attention import active_kernels, compute_dtype, grouped_attention, rope_inv_freq, rotate_half
 from owl3.model.qwen2 import KVPair, Qwen2Attention
 
 
@@ -76,13 +76,11 @@ class HyperAttention(Qwen2Attention):
             raise ValueError("visual memory given without visible_images")
         b, length, _ = ctx.shape
         k_vis, v_vis = visual
-        # Truncating division (the keys are non-negative): floor division would export as Div plus a sign
-        # fix-up comparing booleans with Equal, which TensorRT's parser rejects.
-        key_image = torch.div(torch.arange(k_vis.shape[2], device=ctx.device), self.image_tokens, rounding_mode="trunc")
-        allowed = key_image[None, None, :] < visible_images[:, :, None]  # [B, L, M]
-        cross_mask = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device)
-        cross_mask = cross_mask.masked_fill(~allowed, torch.finfo(q.dtype).min)[:, None]  # [B, 1, L, M]
-        vctx = grouped_attention(q, k_vis, v_vis, cross_mask).transpose(1, 2)  # [B, L, nh, hd]
+        kernels = active_kernels()
+        if kernels is not None:
+            vctx = kernels.cross_attention(q, k_vis, v_vis, visible_images, self.image_tokens)
+        else:
+            vctx = self._cross_attention(q, k_vis, v_vis, visible_images)
         ctx_heads = ctx.view(b, length, self.num_heads, self.head_dim)
         work = compute_dtype(ctx.dtype)  # the gate and the mix run in fp32 under fp32 islands
         # The gate is computed from the self-attention context: sigmoid(Linear(ctx)) = gate_proj (Linear, Sigmoid).
@@ -91,3 +89,19 @@ class HyperAttention(Qwen2Attention):
         sees_images = (visible_images > 0)[:, :, None, None]
         ctx = torch.where(sees_images, mixed, ctx_heads).reshape(b, length, self.num_heads * self.head_dim)
         return self.o_proj(ctx), present
+
+    def _cross_attention(self, q: Tensor, k_vis: Tensor, v_vis: Tensor, visible_images: Tensor) -> Tensor:
+        """Rotated q [B, nh, L, hd] over the visual memory with the ``visible_images`` rule -> [B, L, nh, hd]."""
+        return grouped_attention(
+            q, k_vis, v_vis, cross_mask(visible_images, k_vis.shape[2], self.image_tokens, q.dtype)
+        ).transpose(1, 2)
+
+
+def cross_mask(visible_images: Tensor, keys: int, image_tokens: int, dtype: torch.dtype) -> Tensor:
+    """Additive mask [B, 1, L, M]: key m is visible to token t iff m // image_tokens < visible_images[b, t]."""
+    # Truncating division (the keys are non-negative): floor division would export as Div plus a sign
+    # fix-up comparing booleans with Equal, which TensorRT's parser rejects.
+    key_image = torch.div(torch.arange(keys, device=visible_images.device), image_tokens, rounding_mode="trunc")
+    allowed = key_image[None, None, :] < visible_images[:, :, None]  # [B, L, M]
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=visible_images.device)
+    return mask.masked_fill(~allowed, torch.finfo(dtype).min)[:, None]

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from owl3.config import TextConfig
-from owl3.model.attention import apply_rope, grouped_attention, islands_active
+from owl3.model.attention import active_kernels, apply_rope, grouped_attention, islands_active
 
 KVPair = tuple[Tensor, Tensor]  # (key, value), each [B, nkv, T, hd], keys post-RoPE
 
@@ -83,6 +83,11 @@ class Qwen2Attention(nn.Module):
     ) -> tuple[Tensor, Tensor, KVPair]:
         """h [B,L,H] -> (ctx [B,L,nh*hd] before o_proj, rotated q [B,nh,L,hd], present (k, v))."""
         b, length, _ = h.shape
+        kernels = active_kernels()
+        if kernels is not None:  # fused kernels (the ONNX Runtime export): rotary, cache and attention in one
+            return kernels.self_attention(
+                self.q_proj(h), self.k_proj(h), self.v_proj(h), past, self.num_heads, self.num_kv_heads
+            )
         q = self.q_proj(h).view(b, length, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(h).view(b, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(h).view(b, length, self.num_kv_heads, self.head_dim).transpose(1, 2)

@@ -1,0 +1,295 @@
+"""The ONNX Runtime flavour's decoder: ONNX Runtime's fused operators and an in-place KV cache.
+
+The decoder is traced through the same ``Owl3Model`` under ``attention_kernels(FusedKernels(...))``, so only the
+attention math changes; projections, norms, gate and MLP are the model's own code. Each kernel is a PyTorch
+custom operator with a reference implementation (what ONNX Runtime computes, runnable here for tests) that the
+exporter translates to exactly one ``com.microsoft`` operator:
+
+- ``RotaryEmbedding`` on q and k (positions from ``position_ids``; cos/sin caches of ``max_position_embeddings``
+  rows, one pair of initializers shared by every layer);
+- ``GroupQueryAttention`` with the KV cache in place: ``past_key_i`` / ``past_value_i`` are buffers of a
+  request's capacity [B, nkv, capacity, hd] (capacity >= ``total_sequence_length``) whose first
+  ``total - seq`` rows hold the past; the step writes its ``seq`` new rows and ``present_*`` is that same
+  buffer. Bound to one ``OrtValue`` for input and output (IO binding), nothing is copied: a decode step reads
+  the cache and writes one row, whatever the context. ``seqlens_k`` [B] int32 = total - 1,
+  ``total_sequence_length`` [] int32;
+- ``MultiHeadAttention`` for the hyper layers' cross-attention over the visual memory: the GQA groups are folded
+  into the query length (num_heads = nkv, query [B, g*L, nkv*hd]) so K/V are used as stored, and the
+  ``visible_images`` rule is its additive ``attention_bias`` [B, 1, g*L, M].
+
+RMSNorm becomes ``SimplifiedLayerNormalization`` / ``SkipSimplifiedLayerNormalization`` by the maintained
+rewriter's rules (``onnxscript.rewriter.ort_fusions``). Its GQA rule does not apply here: it fuses a graph that
+concatenates the cache (ours did not even match: the grouped broadcast and the explicit mask differ from the
+patterns it knows), and a rewrite must keep a graph's meaning, while the in-place cache changes the graph's
+inputs. Hence the kernels above, one custom operator each, instead of hand-written pattern code.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxscript
+import torch
+from onnx.defs import OpSchema
+from torch import Tensor, nn
+
+from owl3.config import Owl3Config
+from owl3.model.attention import attention_kernels, compute_dtype, grouped_attention, rope_inv_freq, rotate_half
+from owl3.model.hyper import cross_mask
+from owl3.model.owl3 import Owl3Model, VisualMemory
+
+MS_DOMAIN = "com.microsoft"
+_MS = onnxscript.values.Opset(MS_DOMAIN, 1)
+COS_CACHE, SIN_CACHE = "rotary.cos_cache", "rotary.sin_cache"
+
+
+# ---- ONNX schemas of the three contrib operators (ONNX has none; the exporter needs them to emit nodes) -----
+
+
+def register_contrib_schemas() -> None:
+    """Register ONNX Runtime's RotaryEmbedding, GroupQueryAttention, MultiHeadAttention and the RMSNorm
+    fusions (the inputs and attributes used here, as ONNX Runtime's ContribOperators.md documents them), once
+    per process, so the exporter can emit them and ``onnx.checker`` can check the graphs."""
+    floats = ["tensor(float)", "tensor(float16)"]
+    options = OpSchema.FormalParameterOption
+
+    def param(name: str, types: str, required: bool = True) -> OpSchema.FormalParameter:
+        return OpSchema.FormalParameter(name, types, param_option=options.Single if required else options.Optional)
+
+    def attribute(name: str, kind: OpSchema.AttrType, required: bool = False) -> OpSchema.Attribute:
+        return OpSchema.Attribute(name, kind, "", required=required)
+
+    ints, floating = OpSchema.AttrType.INT, OpSchema.AttrType.FLOAT
+    schemas = [
+        OpSchema(
+            "RotaryEmbedding", MS_DOMAIN, 1,
+            inputs=[param("input", "T"), param("position_ids", "M"), param("cos_cache", "T"), param("sin_cache", "T")],
+            outputs=[param("output", "T")],
+            type_constraints=[("T", floats, ""), ("M", ["tensor(int64)"], "")],
+            attributes=[attribute("interleaved", ints), attribute("num_heads", ints),
+                        attribute("rotary_embedding_dim", ints), attribute("scale", floating)],
+        ),
+        OpSchema(
+            "GroupQueryAttention", MS_DOMAIN, 1,
+            inputs=[param("query", "T"), param("key", "T", False), param("value", "T", False),
+                    param("past_key", "T", False), param("past_value", "T", False), param("seqlens_k", "M"),
+                    param("total_sequence_length", "M")],
+            outputs=[param("output", "T"), param("present_key", "T"), param("present_value", "T")],
+            type_constraints=[("T", floats, ""), ("M", ["tensor(int32)"], "")],
+            attributes=[attribute("num_heads", ints, True), attribute("kv_num_heads", ints, True),
+                        attribute("do_rotary", ints), attribute("scale", floating)],
+        ),
+        OpSchema(
+            "MultiHeadAttention", MS_DOMAIN, 1,
+            inputs=[param("query", "T"), param("key", "T", False), param("value", "T", False),
+                    param("bias", "T", False), param("key_padding_mask", "M", False),
+                    param("attention_bias", "T", False)],
+            outputs=[param("output", "T")],
+            type_constraints=[("T", floats, ""), ("M", ["tensor(int32)"], "")],
+            attributes=[attribute("num_heads", ints, True), attribute("scale", floating)],
+        ),
+        # The rewriter's RMSNorm fusions: ONNX Runtime registers the first in the ONNX domain (since version 1).
+        OpSchema(
+            "SimplifiedLayerNormalization", "", 1,
+            inputs=[param("X", "T"), param("scale", "V")],
+            outputs=[param("Y", "V"), param("inv_std_var", "U", False)],
+            type_constraints=[("T", floats, ""), ("U", floats, ""), ("V", floats, "")],
+            attributes=[attribute("axis", ints), attribute("epsilon", floating), attribute("stash_type", ints)],
+        ),
+        OpSchema(
+            "SkipSimplifiedLayerNormalization", MS_DOMAIN, 1,
+            inputs=[param("input", "T"), param("skip", "T"), param("gamma", "T"), param("bias", "T", False)],
+            outputs=[param("output", "T"), param("mean", "U", False), param("inv_std_var", "U", False),
+                     param("input_skip_bias_sum", "T", False)],
+            type_constraints=[("T", floats, ""), ("U", ["tensor(float)"], "")],
+            attributes=[attribute("epsilon", floating)],
+        ),
+    ]  # fmt: skip
+    for schema in schemas:
+        if not onnx.defs.has(schema.name, schema.domain):
+            onnx.defs.register_schema(schema)
+
+
+# ---- the kernels as PyTorch custom operators: reference math, shapes for tracing, ONNX translation ---------
+
+
+@torch.library.custom_op("owl3::rotary_embedding", mutates_args=())
+def rotary_embedding(x: Tensor, position_ids: Tensor, cos_cache: Tensor, sin_cache: Tensor, num_heads: int) -> Tensor:
+    """x [B, L, n*hd] rotated (rotate-half convention) at ``position_ids`` [B, L]; caches [max_pos, hd/2]."""
+    b, length, width = x.shape
+    cos = torch.cat((cos_cache[position_ids],) * 2, dim=-1)[:, :, None]  # [B, L, 1, hd]
+    sin = torch.cat((sin_cache[position_ids],) * 2, dim=-1)[:, :, None]
+    heads = x.view(b, length, num_heads, width // num_heads)
+    return (heads * cos + rotate_half(heads) * sin).reshape(b, length, width)
+
+
+@rotary_embedding.register_fake
+def _(x: Tensor, position_ids: Tensor, cos_cache: Tensor, sin_cache: Tensor, num_heads: int) -> Tensor:
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("owl3::group_query_attention", mutates_args=())
+def group_query_attention(
+    q: Tensor, k: Tensor, v: Tensor, past_key: Tensor, past_value: Tensor, seqlens_k: Tensor,
+    total_sequence_length: Tensor, num_heads: int, kv_num_heads: int,
+) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    """Causal GQA over the in-place cache (module docstring); equal lengths across the batch."""
+    b, length, _ = q.shape
+    total = int(total_sequence_length)
+    start = total - length
+    hd = past_key.shape[-1]
+    present = []
+    for past, new in ((past_key, k), (past_value, v)):
+        buffer = past.clone()
+        buffer[:, :, start:total] = new.view(b, length, kv_num_heads, hd).transpose(1, 2)
+        present.append(buffer)
+    keys = torch.arange(total)
+    allowed = keys[None, :] <= torch.arange(length)[:, None] + start
+    mask = torch.zeros(allowed.shape, dtype=q.dtype).masked_fill(~allowed, torch.finfo(q.dtype).min)
+    heads = q.view(b, length, num_heads, hd).transpose(1, 2)
+    out = grouped_attention(heads, present[0][:, :, :total], present[1][:, :, :total], mask[None, None])
+    return out.transpose(1, 2).reshape(b, length, num_heads * hd), present[0], present[1]
+
+
+@group_query_attention.register_fake
+def _(q, k, v, past_key, past_value, seqlens_k, total_sequence_length, num_heads, kv_num_heads):
+    return torch.empty_like(q), torch.empty_like(past_key), torch.empty_like(past_value)
+
+
+@torch.library.custom_op("owl3::multi_head_attention", mutates_args=())
+def multi_head_attention(q: Tensor, k: Tensor, v: Tensor, attention_bias: Tensor, num_heads: int) -> Tensor:
+    """q [B, S, n*hd] over k, v [B, n, M, hd] with ``attention_bias`` [B, 1, S, M] -> [B, S, n*hd]."""
+    b, length, width = q.shape
+    heads = q.view(b, length, num_heads, width // num_heads).transpose(1, 2)
+    out = grouped_attention(heads, k, v, attention_bias)
+    return out.transpose(1, 2).reshape(b, length, width)
+
+
+@multi_head_attention.register_fake
+def _(q: Tensor, k: Tensor, v: Tensor, attention_bias: Tensor, num_heads: int) -> Tensor:
+    return torch.empty_like(q)
+
+
+def _rotary_onnx(x, position_ids, cos_cache, sin_cache, num_heads: int):
+    return _MS.RotaryEmbedding(x, position_ids, cos_cache, sin_cache, interleaved=0, num_heads=num_heads)
+
+
+def _gqa_onnx(q, k, v, past_key, past_value, seqlens_k, total, num_heads: int, kv_num_heads: int):
+    return _MS.GroupQueryAttention(
+        q, k, v, past_key, past_value, seqlens_k, total, num_heads=num_heads, kv_num_heads=kv_num_heads, _outputs=3
+    )
+
+
+def _mha_onnx(q, k, v, attention_bias, num_heads: int):
+    return _MS.MultiHeadAttention(q, k, v, None, None, attention_bias, num_heads=num_heads)
+
+
+TRANSLATIONS = {
+    torch.ops.owl3.rotary_embedding.default: _rotary_onnx,
+    torch.ops.owl3.group_query_attention.default: _gqa_onnx,
+    torch.ops.owl3.multi_head_attention.default: _mha_onnx,
+}
+
+
+# ---- the kernels the model calls under ``attention_kernels`` ------------------------------------------------
+
+
+class FusedKernels:
+    """``AttentionKernels`` on the three custom operators, for one decoder run (its graph-level inputs)."""
+
+    def __init__(
+        self, position_ids: Tensor, seqlens_k: Tensor, total: Tensor, cos_cache: Tensor, sin_cache: Tensor
+    ) -> None:
+        self.position_ids, self.seqlens_k, self.total = position_ids, seqlens_k, total
+        self.cos_cache, self.sin_cache = cos_cache, sin_cache
+
+    def self_attention(
+        self, q: Tensor, k: Tensor, v: Tensor, past: tuple[Tensor, Tensor], num_heads: int, num_kv_heads: int
+    ) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor]]:
+        work = compute_dtype(q.dtype)  # rotary in fp32 under fp32 islands, as the model's own math
+        q = self._rotate(q, num_heads, work)
+        k = self._rotate(k, num_kv_heads, work)
+        ctx, key, value = torch.ops.owl3.group_query_attention(
+            q, k, v, past[0], past[1], self.seqlens_k, self.total, num_heads, num_kv_heads
+        )
+        b, length, _ = q.shape
+        return ctx, q.view(b, length, num_heads, -1).transpose(1, 2), (key, value)
+
+    def _rotate(self, x: Tensor, heads: int, work: torch.dtype) -> Tensor:
+        rotated = torch.ops.owl3.rotary_embedding(x.to(work), self.position_ids, self.cos_cache, self.sin_cache, heads)
+        return rotated.to(x.dtype)
+
+    def cross_attention(self, q: Tensor, k: Tensor, v: Tensor, visible_images: Tensor, image_tokens: int) -> Tensor:
+        b, nh, length, hd = q.shape
+        nkv = k.shape[1]
+        groups = nh // nkv
+        work = compute_dtype(q.dtype)  # softmax in fp32 under fp32 islands
+        # Query head h = j * groups + g reads KV head j: fold g into the query length, heads = nkv.
+        folded = q.view(b, nkv, groups, length, hd).permute(0, 2, 3, 1, 4).reshape(b, groups * length, nkv * hd)
+        visible = visible_images[:, None, :].expand(b, groups, length).reshape(b, groups * length)
+        bias = cross_mask(visible, k.shape[2], image_tokens, work)  # [B, 1, g*L, M]: no reshape involves M
+        out = torch.ops.owl3.multi_head_attention(folded.to(work), k.to(work), v.to(work), bias, nkv)
+        out = out.to(q.dtype).view(b, groups, length, nkv, hd).permute(0, 2, 3, 1, 4)
+        return out.reshape(b, length, nh, hd)
+
+
+def rotary_caches(config: Owl3Config) -> tuple[np.ndarray, np.ndarray]:
+    """cos, sin [max_position_embeddings, hd/2] float32: the angles the model computes, position by position."""
+    text = config.text
+    positions = torch.arange(text.max_position_embeddings, dtype=torch.int64).to(torch.float32)
+    angles = positions[:, None] * rope_inv_freq(text.head_dim, text.rope_theta)
+    return angles.cos().numpy(), angles.sin().numpy()
+
+
+class FusedDecoderGraph(nn.Module):
+    """The decoder with the fused kernels and the in-place cache (``export.specs``: the fused decoder spec)."""
+
+    def __init__(self, model: Owl3Model) -> None:
+        super().__init__()
+        self.model = model
+        text = model.config.text
+        rows, half = text.max_position_embeddings, text.head_dim // 2
+        self.register_buffer("cos_cache", torch.empty(rows, half, dtype=torch.float32))
+        self.register_buffer("sin_cache", torch.empty(rows, half, dtype=torch.float32))
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        position_ids: Tensor,
+        visible_images: Tensor,
+        logit_positions: Tensor,
+        seqlens_k: Tensor,
+        total_sequence_length: Tensor,
+        past: list[Tensor],
+        visual: list[Tensor],
+    ) -> tuple[Tensor, list[Tensor]]:
+        pairs = [(past[2 * i], past[2 * i + 1]) for i in range(len(past) // 2)]
+        memory = VisualMemory(
+            kv=[(visual[2 * j], visual[2 * j + 1]) for j in range(len(visual) // 2)], image_counts=None
+        )
+        kernels = FusedKernels(position_ids, seqlens_k, total_sequence_length, self.cos_cache, self.sin_cache)
+        with attention_kernels(kernels):
+            logits, present = self.model.language_model(
+                input_ids, position_ids, pairs, memory, visible_images, logit_positions
+            )
+        return logits, [t for kv in present for t in kv]
+
+
+def finish_fused_graph(model: ir.Model, config: Owl3Config) -> dict[str, int]:
+    """After tracing: give the rotary caches their values (they are the only initializers not read from the
+    checkpoint) and fuse RMSNorm with the maintained rewriter's rules; returns what was fused."""
+    from onnxscript.rewriter.ort_fusions.rms_normalization import fuse_rms_normalization
+    from onnxscript.rewriter.ort_fusions.skip_normalization import fuse_skip_rms_normalization
+
+    counts = {"rms_normalization": fuse_rms_normalization(model), "skip_rms_normalization": 0}
+    counts["skip_rms_normalization"] = fuse_skip_rms_normalization(model)
+    initializers = model.graph.initializers
+    if "cos_cache" in initializers:
+        cos, sin = rotary_caches(config)
+        for name, values, final in (("cos_cache", cos, COS_CACHE), ("sin_cache", sin, SIN_CACHE)):
+            value = initializers.pop(name)
+            value.const_value = ir.tensor(values, name=final)
+            value.name = final
+            initializers[final] = value
+    return counts
