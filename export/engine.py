@@ -80,12 +80,17 @@ def build_engines(
             "limits": limits.__dict__, "builder": {"strongly_typed": True, "workspace_mib": workspace_mib,
                                                    "optimization_level": optimization_level, "profiles": 1},
             "source": {"path": str(export_dir.resolve()), "precision": manifest["precision"],
-                       "flavour": manifest.get("flavour"), "files": {g["file"]: manifest["files"][g["file"]]
-                                                                    for g in manifest["graphs"].values()}},
+                       "flavour": manifest.get("flavour"), "files": _source_files(manifest)},
             "tools": tool_versions(),
         })  # fmt: skip
     say(f"wrote {output}; check it against ONNX Runtime: owl3-export validate (see README, 'On the device')")
     return output
+
+
+def _source_files(manifest: dict[str, Any]) -> dict[str, Any]:
+    """The size and sha256 of every graph file and of its weights (``.onnx.data``): an engine belongs to both."""
+    names = [n for g in manifest["graphs"].values() for n in (g["file"], f"{g['file']}.data")]
+    return {name: manifest["files"][name] for name in names if name in manifest["files"]}
 
 
 def _refuse_unready(export_dir: Path) -> None:

@@ -31,16 +31,17 @@ pipeline (each step writes a directory with a manifest):
 available in this version:
   owl3-export --precision fp32|fp16|int8|int4|w8a8 [--model DIR] [--output DIR] [--target ort|tensorrt|both]
              the pipeline: (quantize ->) export ONNX graphs (vision, visual memory, decoder with KV cache),
-             validate each against PyTorch, and write one drift report (engine builds come next). Quantized
-             precisions write DIR-gptq (the checkpoint), DIR (ONNX Runtime flavour), DIR-trt (TensorRT
-             flavour, standard Q/DQ) and DIR-report
+             validate each against PyTorch, and write one drift report. It writes DIR (ONNX Runtime
+             flavour: fused operators, in-place KV cache), DIR-trt (TensorRT flavour: standard operators,
+             Q/DQ when quantized), DIR-report, and for quantized precisions DIR-gptq (the checkpoint)
   quantize   GPTQ int4 / int8 / W8A8 with image+text calibration, into a GPTQ-format checkpoint
              (owl3-export quantize --precision int4 [--model DIR] [--calibration SRC] --output DIR)
   export     one export from a float or a quantized checkpoint
              (owl3-export export --model DIR [--target ort|tensorrt] --output DIR)
   check-trt  what the TensorRT 10.3 / 11.1 ONNX parsers would reject in an export, node by node
   build-engine  TensorRT engines from an export, on the device (UNVERIFIED: never run with TensorRT here)
-  run        answer a prompt from an export directory with the torch-free runtime (ONNX Runtime)
+  run        answer a prompt from an export directory with the torch-free runtime (ONNX Runtime, or
+             --engines DIR: its TensorRT engines, UNVERIFIED)
   validate   compare backends at every level (tensors, next-token, tasks) and write drift reports
   generate   run the PyTorch reference model on a prompt with images or a video, streaming the answer
   info       check a checkpoint strictly and print its configuration and parameter count
@@ -69,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pipeline.add_argument(
         "--target", choices=("ort", "tensorrt", "both"), default="both",
-        help="quantized precisions: the ONNX Runtime flavour, the TensorRT flavour, or both (default)",
+        help="the ONNX Runtime flavour (fused operators), the TensorRT flavour (standard operators), or both (default)",
     )  # fmt: skip
     pipeline.add_argument("--model", dest="pipeline_model", type=Path, help="checkpoint directory (default: demo)")
     pipeline.add_argument("--output", type=Path, help="export directory (default: exports/<model>-<precision>)")
@@ -149,25 +150,25 @@ def cmd_export(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     validate = not args.no_validate
     checkpoint, rejected = None, []
-    if args.precision in ("fp32", "fp16"):
-        exports = [output]
-        export_model(model_dir, output, args.precision, force=args.force, validate=validate, progress=_note)
-    else:
+    source, precision = model_dir, args.precision
+    if args.precision not in ("fp32", "fp16"):
         from owl3.quantize import CalibrationConfig, quantize_model, recipe
 
         checkpoint = output.with_name(f"{output.name}-gptq")
         _note(f"quantizing ({args.precision}, built-in calibration) -> {checkpoint}")
         quantize_model(model_dir, checkpoint, recipe(args.precision), CalibrationConfig(), force=args.force,
                        progress=_note)  # fmt: skip
-        targets = ("ort", "tensorrt") if args.target == "both" else (args.target,)
-        exports = [output if t == "ort" else output.with_name(f"{output.name}-trt") for t in targets]
-        for target, directory in zip(targets, exports, strict=True):
-            _note(f"exporting the {target} flavour -> {directory}")
-            try:
-                export_model(checkpoint, directory, target=target, force=args.force, validate=validate, progress=_note)
-            except GateFailure as exc:  # kept and marked rejected; the drift report still shows it
-                _note(f"error: {exc.one_line()}")
-                rejected.append(exc)
+        source, precision = checkpoint, None  # a quantized checkpoint exports its own precision
+    targets = ("ort", "tensorrt") if args.target == "both" else (args.target,)
+    exports = [output if t == "ort" else output.with_name(f"{output.name}-trt") for t in targets]
+    for target, directory in zip(targets, exports, strict=True):
+        _note(f"exporting the {target} flavour -> {directory}")
+        try:
+            export_model(source, directory, precision, target=target, force=args.force, validate=validate,
+                         progress=_note)  # fmt: skip
+        except GateFailure as exc:  # kept and marked rejected; the drift report still shows it
+            _note(f"error: {exc.one_line()}")
+            rejected.append(exc)
     if validate:
         from owl3.validate.run import validate_export
 

@@ -1,4 +1,4 @@
-"""``owl3-export run``: answer a prompt with an ONNX export on ONNX Runtime, without torch.
+"""``owl3-export run``: answer a prompt with an ONNX export on ONNX Runtime (or its TensorRT engines), without torch.
 
 Registered by ``owl3.cli`` (``add_run_parser`` adds the sub-command, ``cmd_run`` runs it and returns the
 exit code; errors propagate as typed exceptions that ``owl3.cli.main`` turns into the one-line message).
@@ -20,7 +20,11 @@ def add_run_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentP
     """Add the ``run`` sub-command to ``subparsers``; returns its parser."""
     run = subparsers.add_parser("run", help=RUN_HELP, description=RUN_HELP + ".")
     run.add_argument(
-        "--export", type=Path, required=True, help="export directory written by 'owl3-export --precision ...'"
+        "--export", type=Path, help="export directory written by 'owl3-export --precision ...' (with --engines: "
+        "default the export the engines were built from)"
+    )  # fmt: skip
+    run.add_argument(
+        "--engines", type=Path, help="TensorRT engine directory from 'owl3-export build-engine' (UNVERIFIED)"
     )
     run.add_argument("--provider", choices=PROVIDER_CHOICES, default="auto", help="ONNX Runtime execution provider")
     run.add_argument("--verify", choices=("full", "size"), default="full", help="check files by sha256 or size")
@@ -58,8 +62,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     from owl3.cli import gather_media  # torch-free; imported here because owl3.cli imports this module
     from owl3.runtime.session import Owl3Session
 
-    session = Owl3Session(args.export, args.provider, verify=args.verify, intra_op_threads=args.threads)
-    _note(f"loaded {args.export} ({session.precision}) on {', '.join(session.providers)}")
+    export = run_export_dir(args)
+    session = Owl3Session(
+        export, args.provider, verify=args.verify, intra_op_threads=args.threads, engines=args.engines
+    )
+    _note(f"loaded {export} ({session.precision}) on {', '.join(session.providers)}")
     images, videos, prompt = gather_media(args)
     messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": ""}]
     if args.system is not None:
@@ -79,6 +86,25 @@ def cmd_run(args: argparse.Namespace) -> int:
     sys.stdout.write("\n")
     _note(format_timings(timings))
     return 0
+
+
+def run_export_dir(args: argparse.Namespace) -> Path:
+    """``--export``, or with ``--engines`` alone the export recorded in the engine manifest."""
+    from owl3.errors import UsageError
+
+    if args.export is not None:
+        return args.export
+    if args.engines is None:
+        raise UsageError("run needs --export (or --engines)", where="run", fix="pass --export EXPORT_DIR")
+    from owl3.artifacts import read_manifest
+    from owl3.runtime.engine_check import ENGINE_SCHEMA
+
+    source = read_manifest(args.engines, schema=ENGINE_SCHEMA).get("source", {}).get("path")
+    if not source:
+        raise UsageError(
+            "the engine manifest does not name its export", where=str(args.engines), fix="pass --export EXPORT_DIR"
+        )
+    return Path(source)
 
 
 def format_timings(timings: dict[str, float]) -> str:

@@ -6,6 +6,7 @@ unhelpful "Version tag does not match". So before deserializing, the runtime rea
 0-3 the tag ``0x74727466`` "ftrt", bytes 24-27 major, minor, patch, build: what ``trtexec
 --getPlanVersionOnly`` prints), compares it and the engine manifest (TensorRT version, GPU compute capability,
 L4T release) with this device, and refuses with exit 4 and the command that rebuilds the engines here.
+``read_engines`` also refuses (exit 3) engines that were not built from the export they are loaded with.
 """
 
 from __future__ import annotations
@@ -13,14 +14,17 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from owl3.artifacts import ArtifactError, read_manifest
 from owl3.errors import EnvironmentProblem, InvalidInputError
 
 PLAN_TAG = 0x74727466  # "ftrt" as a little-endian uint32
 ENGINE_SCHEMA = "owl3-export/tensorrt-engines"
+ENGINE_SCHEMA_VERSION = 1
 
 
 @dataclass(frozen=True)
@@ -144,5 +148,53 @@ def check_engines(manifest: dict[str, Any], directory: Path, device: Device | No
         raise EnvironmentProblem(
             "these TensorRT engines cannot run here: " + "; ".join(problems),
             where=str(directory),
-            fix=f"rebuild them on this device: owl3-export build-engine {source} --output {directory}",
+            fix=f"rebuild them on this device: owl3-export build-engine {source} --output {directory} --force",
         )
+
+
+def read_engines(engine_dir: Path, export_manifest: Mapping[str, Any], export_dir: Path) -> dict[str, Any]:
+    """The engine manifest, refused (ArtifactError) unless it is ours, built, and built from this export."""
+    engine_dir = Path(engine_dir)
+    manifest = read_manifest(engine_dir, schema=ENGINE_SCHEMA)
+    where = str(engine_dir / "manifest.json")
+    if manifest.get("schema_version") != ENGINE_SCHEMA_VERSION or manifest.get("status") != "ok":
+        raise ArtifactError(
+            f"expected engines of schema_version {ENGINE_SCHEMA_VERSION} with status ok, found "
+            f"{manifest.get('schema_version')!r} / {manifest.get('status')!r}",
+            where=where,
+            fix=f"build them again: owl3-export build-engine {export_dir} --output {engine_dir} --force",
+        )
+    problems = source_mismatches(manifest, export_manifest)
+    if problems:
+        built_from = manifest.get("source", {}).get("path", "another export")
+        raise ArtifactError(
+            "these engines were not built from this export's graphs: " + "; ".join(problems),
+            where=where,
+            fix=f"pass the export they were built from ({built_from}), or build engines from this one: "
+            f"owl3-export build-engine {export_dir} --output DIR",
+        )
+    return manifest
+
+
+def source_mismatches(manifest: Mapping[str, Any], export_manifest: Mapping[str, Any]) -> list[str]:
+    """How the engines' source graphs differ from the export's: graph names, files, sha256 of every file the
+    engine manifest recorded as its source."""
+    engines, graphs = manifest.get("engines", {}), export_manifest.get("graphs", {})
+    if set(engines) != set(graphs):
+        return [f"engines for {sorted(engines)}, the export has graphs {sorted(graphs)}"]
+    problems = [
+        f"engine {name} was built from {entry.get('source')}, the export's graph file is {graphs[name]['file']}"
+        for name, entry in engines.items()
+        if entry.get("source") != graphs[name]["file"]
+    ]
+    recorded = manifest.get("source", {}).get("files", {})
+    files = export_manifest.get("files", {})
+    for graph in graphs.values():
+        if graph["file"] not in recorded:
+            problems.append(f"the engine manifest records no sha256 for {graph['file']}")
+    for name, record in recorded.items():
+        ours = files.get(name, {}).get("sha256")
+        if ours != record.get("sha256"):
+            problems.append(f"{name}: engines built from sha256 {str(record.get('sha256'))[:12]}..., "
+                            f"this export's is {str(ours)[:12]}...")  # fmt: skip
+    return problems

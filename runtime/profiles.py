@@ -43,6 +43,12 @@ class ProfileLimits:
         return cls(max_batch, max_images, max_images * config.image_tokens, context)
 
 
+# Positions projected onto the vocabulary per run: generation asks for 1, validation's teacher-forced trace for
+# every prompt position. TensorRT sizes activation memory for the profile's maximum, and the full context
+# (32,768 x 151,936 fp32 logits = 20 GB) would not build on an 8 GB Orin; 512 rows are 311 MB.
+MAX_LOGIT_ROWS = 512
+
+
 def dim_ranges(limits: ProfileLimits, config: Owl3Config) -> dict[str, tuple[int, int, int]]:
     """(min, opt, max) of each named dynamic dim of the graph specs."""
     half = max(1, limits.max_context // 2)
@@ -51,7 +57,7 @@ def dim_ranges(limits: ProfileLimits, config: Owl3Config) -> dict[str, tuple[int
         "batch": (1, 1, limits.max_batch),
         "max_images": (1, 1, limits.max_images),
         "seq": (1, 1, limits.max_context),
-        "logit_count": (1, 1, limits.max_context),
+        "logit_count": (1, 1, min(limits.max_context, MAX_LOGIT_ROWS)),
         "past": (0, half, limits.max_context - 1),
         "capacity": (1, half, limits.max_context),  # the fused decoder's in-place cache
         "visual": (0, config.image_tokens, limits.max_visual_tokens),

@@ -53,13 +53,15 @@ class GenerationResult:
     """One answer. ``token_ids``: the new tokens, the end token included (as ``generate_ids``);
     ``finish_reason``: "stop" (an end token) or "length" (``max_new_tokens``). ``timings`` (seconds):
     preprocess_s, vision_s, visual_memory_s, prefill_s, time_to_first_token_s (from the call),
-    decode_s (decoder steps and sampling after the first token), decode_tokens_per_s, new_tokens, total_s."""
+    decode_s (decoder steps and sampling after the first token), decode_tokens_per_s, new_tokens, total_s.
+    ``providers``: what computed it (ONNX Runtime's active execution providers, or the TensorRT engines)."""
 
     text: str
     token_ids: tuple[int, ...]
     prompt_tokens: int
     finish_reason: str
     timings: dict[str, float] = field(default_factory=dict)
+    providers: tuple[str, ...] = ()  # what computed it: ONNX Runtime's active providers, or TensorRT
 
 
 @dataclass
@@ -90,7 +92,14 @@ class Owl3Session:
         max_context: int | None = None,
         intra_op_threads: int | None = None,
         allow_rejected: bool = False,
+        engines: str | Path | None = None,
     ) -> None:
+        """``engines``: a directory ``owl3-export build-engine`` made from this export: the graphs then run on
+        those TensorRT engines (UNVERIFIED, see owl3.runtime.tensorrt_backend) instead of ONNX Runtime."""
+        from dataclasses import replace
+
+        from owl3.runtime.tensorrt_backend import TrtBackend, load_engine_backend  # imports no TensorRT
+
         self.export_dir = Path(export_dir)
         self.manifest = read_export(self.export_dir, verify, allow_rejected=allow_rejected)
         self.config = Owl3Config.from_hf_json(self.manifest["config"])
@@ -99,10 +108,15 @@ class Owl3Session:
         self._check_graph_specs()
         self.processor = Owl3Processor.from_pretrained(self.export_dir, max_images=max_images)
         self.requests = self._request_checker(limits)
-        profile = ProfileLimits(MAX_PROFILE_BATCH, limits.max_images, limits.max_visual_tokens, limits.max_context)
-        self.backend: OrtBackend = load_backend(
-            self.export_dir, self.manifest, provider, intra_op_threads=intra_op_threads, profile_limits=profile
-        )
+        self.backend: OrtBackend | TrtBackend
+        if engines is None:
+            profile = ProfileLimits(MAX_PROFILE_BATCH, limits.max_images, limits.max_visual_tokens, limits.max_context)
+            self.backend = load_backend(
+                self.export_dir, self.manifest, provider, intra_op_threads=intra_op_threads, profile_limits=profile
+            )
+        else:  # the engines' profiles bound the requests: beyond them a request is refused before it runs
+            self.backend = load_engine_backend(engines, self.manifest, self.export_dir, provider, verify=verify)
+            self.requests = replace(self.requests, limits=self.backend.cover(limits))
         for name, spec in self._specs.items():
             self.backend.graphs[name].check_signature(
                 [t.name for t in spec.inputs], [t.name for t in spec.outputs], str(self.export_dir / spec.file)
@@ -136,6 +150,7 @@ class Owl3Session:
         self._past_pairs = [
             p for i in layers for p in ((past_key(i), present_key(i)), (past_value(i), present_value(i)))
         ]
+        self._first_past = next(i for i, t in enumerate(self._specs["decoder"].inputs) if t.name == past_key(0))
 
     def _request_checker(self, limits: RequestLimits) -> RequestChecker:
         """Token ids from the manifest (checked against the tokenizer) and the request limits."""
@@ -369,7 +384,8 @@ class Owl3Session:
             return None
         text = self.config.text
         shape = (batch, text.num_key_value_heads, capacity, text.head_dim)
-        buffers = {past: (present, self.backend.buffer(shape, self._float)) for past, present in self._past_pairs}
+        dtype = np.dtype(self._specs["decoder"].inputs[self._first_past].dtype)  # float32 (owl3.export.fused)
+        buffers = {past: (present, self.backend.buffer(shape, dtype)) for past, present in self._past_pairs}
         return InPlaceCache(buffers)
 
     # ---- chat ----------------------------------------------------------------------------------------
@@ -395,6 +411,7 @@ class Owl3Session:
             prompt_tokens=int(request.input_ids.shape[1]),
             finish_reason="stop" if ended else "length",
             timings=timings,
+            providers=tuple(self.providers),
         )
 
     def stream(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -118,10 +119,12 @@ def test_precision_runs_the_export_pipeline_then_run_answers_from_it(
 ) -> None:
     monkeypatch.chdir(tmp_path)  # the default output: exports/<model name>-<precision>
     out = Path("exports") / "owl3-demo-shapes-v1-fp32"
-    assert main(["--precision", "fp32", "--no-validate"]) == 0
+    assert main(["--precision", "fp32", "--no-validate"]) == 0  # both flavours by default
     captured = capsys.readouterr()
-    assert captured.out.strip() == str(out) and "exported decoder.onnx" in captured.err
-    assert (out / "manifest.json").is_file()
+    trt = out.with_name(f"{out.name}-trt")
+    assert captured.out.split() == [str(out), str(trt)] and "exported decoder.onnx" in captured.err
+    assert json.loads((out / "manifest.json").read_text())["fused"]  # ONNX Runtime's fused decoder
+    assert json.loads((trt / "manifest.json").read_text())["tensorrt_readiness"]["10.3"]["ready"]
     assert main(["--precision", "fp32", "--no-validate"]) == 2  # never overwrites silently
     assert "pass --force" in capsys.readouterr().err
     assert main(["run", "--export", str(out), "--prompt", "Hello", "--max-new-tokens", "3"]) == 0

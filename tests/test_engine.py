@@ -43,6 +43,7 @@ def test_profiles_cover_the_runtime_limits_with_empty_caches_allowed(config) -> 
     assert decoder["past_key_0"][2] == (2, 4, 4095, 128)
     assert decoder["visual_key_0"][0][2] == 0 and decoder["visual_key_0"][2][2] == 4 * p
     assert decoder["input_ids"] == [(1, 1), (1, 1), (2, 4096)]
+    assert decoder["logit_positions"][2] == (2, 512)  # not 4,096 rows of 152k logits: the engine would not fit
     from owl3.export.specs import graph_specs
 
     for name, spec in graph_specs(config, "fp16").items():  # every dynamic input, and only those

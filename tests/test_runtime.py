@@ -23,7 +23,7 @@ from PIL import Image
 from owl3.artifacts import ArtifactError, file_record
 from owl3.demo import demo_config, demo_image
 from owl3.errors import EnvironmentProblem, PromptError, UsageError
-from owl3.export.specs import graph_specs, past_key, past_value, present_key, present_value
+from owl3.export.specs import graph_specs
 
 ort = pytest.importorskip("onnxruntime", reason="the runtime needs onnxruntime (pip install onnxruntime)")
 
@@ -217,6 +217,7 @@ def test_fp32_greedy_tokens_equal_the_pytorch_reference(session, reference, case
     result = session.generate(**request, max_new_tokens=12)
     assert list(result.token_ids) == ours[0].tolist()
     assert result.prompt_tokens == inputs["input_ids"].shape[1]
+    assert result.providers == ("CPUExecutionProvider",)  # what computed the answer is recorded
 
 
 def test_a_ragged_batch_with_derived_placement_equals_the_reference(session, reference) -> None:
@@ -244,15 +245,6 @@ def test_a_ragged_batch_with_derived_placement_equals_the_reference(session, ref
     assert set(row[row.index(stop) + 1 :]) <= {0}  # finished rows are padded
 
 
-def _decoder_step(session, ids, positions, visible, past, visual) -> dict:
-    layers = session.config.text.num_hidden_layers
-    feeds = {"input_ids": ids, "position_ids": positions, "visible_images": visible, **visual}
-    feeds["logit_positions"] = np.tile(np.arange(ids.shape[1], dtype=np.int64), (ids.shape[0], 1))  # all positions
-    for i in range(layers):
-        feeds[past_key(i)], feeds[past_value(i)] = past[present_key(i)], past[present_value(i)]
-    return session.backend.graphs["decoder"].run(feeds)
-
-
 def test_cached_visual_memory_equals_recomputing_it_and_the_uncached_reference(session, reference) -> None:
     inputs = session.processor(_messages("<|image|>\nDescribe this image."), images=[demo_image()], return_tensors="np")
     ids, pixels, offsets = inputs["input_ids"], inputs["pixel_values"], inputs["media_offset"]
@@ -262,17 +254,17 @@ def test_cached_visual_memory_equals_recomputing_it_and_the_uncached_reference(s
     cached, placement = session.visual_memory(embeds, offsets)
     names = [t.name for t in graph_specs(session.config, "fp32")["visual_memory"].outputs]
     visual = dict(zip(names, cached, strict=True))
-    text = session.config.text
-    empty = np.zeros((1, text.num_key_value_heads, 0, text.head_dim), np.float32)
-    nothing = {name(i): empty for i in range(text.num_hidden_layers) for name in (present_key, present_value)}
     length = ids.shape[1]
-    prefill = _decoder_step(session, ids, np.arange(length)[None], placement.seen, nothing, visual)
+    cache = session._new_cache(1, length + 1)  # the fused decoder's in-place cache (None: concatenated)
+    prefill = session._decode(ids, np.arange(length)[None], placement.seen, None, visual, cache)
     token = prefill["logits"][:, -1].argmax(-1)[:, None]
     step = (token, np.array([[length]]), placement.counts[:, None], prefill)
-    with_cache = _decoder_step(session, *step, visual)["logits"]
+    with_cache = session._decode(*step, visual, cache)["logits"]
     again, _ = session.visual_memory(session.encode_images(pixels), offsets)
     recomputed = dict(zip(names, again, strict=True))
-    np.testing.assert_array_equal(with_cache, _decoder_step(session, *step, recomputed)["logits"])
+    if cache is not None:
+        cache.length = length  # the same step again, on the same cache
+    np.testing.assert_array_equal(with_cache, session._decode(*step, recomputed, cache)["logits"])
     with torch.inference_mode():  # the reference with no cache at all: the whole sequence again
         full = reference(torch.from_numpy(np.concatenate([ids, token], 1)), torch.from_numpy(pixels)).logits
     np.testing.assert_allclose(with_cache[:, -1], full[:, -1].numpy(), atol=2e-4, rtol=0)

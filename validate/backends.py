@@ -23,8 +23,10 @@ Inputs = dict[str, Any]  # input_ids [1, L], media_offset [1, L, 2], pixel_value
 
 class Backend(Protocol):
     name: str
-    kind: str  # "pytorch" | "onnx"
+    kind: str  # "pytorch" | "onnx" | "engine"
     precision: str
+    target: str  # "pytorch" | "onnx-cpu" | "onnx-cuda" | "tensorrt"
+    providers: tuple[str, ...]  # what computed: ONNX Runtime's active providers, "TensorRT <version>", torch
 
     def trace(self, inputs: Inputs) -> dict[str, np.ndarray]: ...
 
@@ -40,6 +42,7 @@ class PyTorchBackend:
     """
 
     kind = "pytorch"
+    target = "pytorch"
 
     def __init__(self, model_dir: Path, compute: str = "fp32") -> None:
         import torch
@@ -60,6 +63,7 @@ class PyTorchBackend:
             self.precision, variant, self.calibration = checkpoint_identity(self.model_dir, quantization)
             variant += "" if compute == "fp32" else f"-{compute}"
         self.name = f"pytorch-{variant}"
+        self.providers = (f"PyTorch {torch.__version__}",)
 
     def _context(self):
         import contextlib
@@ -109,8 +113,12 @@ class PyTorchBackend:
         return [int(t) for t in tokens[0]]
 
 
+_TARGETS = {"CPUExecutionProvider": "onnx-cpu", "CUDAExecutionProvider": "onnx-cuda",
+            "TensorrtExecutionProvider": "tensorrt"}  # fmt: skip
+
+
 class OnnxBackend:
-    """An ONNX export on the torch-free runtime."""
+    """An ONNX export on the torch-free runtime (ONNX Runtime with ``provider``)."""
 
     kind = "onnx"
 
@@ -118,12 +126,26 @@ class OnnxBackend:
         from owl3.runtime import Owl3Session
 
         self.session = Owl3Session(export_dir, provider, allow_rejected=True)
+        self._describe(provider)
+
+    def _describe(self, requested: str) -> None:
         self.precision = self.session.precision
         self.manifest = self.session.manifest
+        self.providers = tuple(self.session.providers)
+        self.target = _TARGETS.get(self.providers[0], f"onnx-{self.providers[0]}")
         quantized = self.manifest.get("quantization") or {}
         self.calibration = quantized.get("calibration")  # the quantized checkpoint's, for the overlap check
         suffix = "-trt" if self.session.flavour == "tensorrt" else ""
-        self.name = f"onnx-{quantized.get('variant', self.precision)}{suffix}"
+        if self.session.flavour == "ort" and not self.session.fused:
+            suffix = "-unfused"  # the ort flavour without ONNX Runtime's fused operators (for comparison)
+        where = "" if requested == "cpu" else f"@{requested}"  # two arms on one export need two names
+        self.name = f"{self.kind}-{quantized.get('variant', self.precision)}{suffix}{where}"
+
+    @property
+    def graph_sha256(self) -> dict[str, str]:
+        """{graph file: sha256} of the graphs this arm ran (for "the same graphs" in the pair gates)."""
+        files = self.manifest.get("files", {})
+        return {g["file"]: files.get(g["file"], {}).get("sha256", "") for g in self.manifest["graphs"].values()}
 
     def trace(self, inputs: Inputs) -> dict[str, np.ndarray]:
         out = self.session.trace(inputs["input_ids"], inputs.get("pixel_values"), inputs["media_offset"])
@@ -136,16 +158,54 @@ class OnnxBackend:
         return [int(t) for t in tokens[0]]
 
 
-def open_backend(spec: str) -> Backend:
-    """``pytorch:DIR[:precision]`` or ``onnx:DIR[:provider]``."""
+class EngineBackend(OnnxBackend):
+    """TensorRT engines of an export on the torch-free runtime (UNVERIFIED: never run with TensorRT here).
+    ``export_dir`` defaults to the export the engine manifest names."""
+
+    kind = "engine"
+
+    def __init__(self, engine_dir: Path, export_dir: Path | None = None) -> None:
+        from owl3.runtime import Owl3Session
+
+        self.engine_dir = Path(engine_dir)
+        export = export_dir or engine_export_dir(self.engine_dir)
+        self.session = Owl3Session(export, "tensorrt", allow_rejected=True, engines=self.engine_dir)
+        self._describe("cpu")  # the kind already says TensorRT: engine-fp16-trt, engine-int4-trt
+        self.target = "tensorrt"
+
+
+def engine_export_dir(engine_dir: Path) -> Path:
+    """The export an engine directory was built from, as its manifest records it."""
+    from owl3.artifacts import read_manifest
+    from owl3.runtime.engine_check import ENGINE_SCHEMA
+
+    source = read_manifest(engine_dir, schema=ENGINE_SCHEMA).get("source", {}).get("path")
+    if not source:
+        raise UsageError(
+            "the engine manifest does not name the export it was built from",
+            where=str(engine_dir),
+            fix="name it: engine:ENGINE_DIR:EXPORT_DIR",
+        )
+    return Path(source)
+
+
+BACKEND_SPECS = "pytorch:DIR[:fp32|fp16|bf16], onnx:EXPORT_DIR[:cpu|cuda|tensorrt] or engine:ENGINE_DIR[:EXPORT_DIR]"
+
+
+def parse_backend_spec(spec: str) -> tuple[str, Path, str]:
+    """``kind:PATH[:OPTION]`` -> (kind, path, option or ""); a path that exists keeps its colons."""
     kind, _, rest = spec.partition(":")
     path, _, option = rest.rpartition(":") if rest.count(":") and not Path(rest).exists() else (rest, "", "")
+    if kind not in ("pytorch", "onnx", "engine") or not path:
+        raise UsageError(f"unknown backend {spec!r}", where="--reference / --candidate", fix=f"use {BACKEND_SPECS}")
+    return kind, Path(path), option
+
+
+def open_backend(spec: str) -> Backend:
+    """``pytorch:DIR[:precision]``, ``onnx:DIR[:provider]`` or ``engine:ENGINE_DIR[:EXPORT_DIR]``."""
+    kind, path, option = parse_backend_spec(spec)
     if kind == "pytorch":
-        return PyTorchBackend(Path(path), option or "fp32")
+        return PyTorchBackend(path, option or "fp32")
     if kind == "onnx":
-        return OnnxBackend(Path(path), option or "cpu")
-    raise UsageError(
-        f"unknown backend {spec!r}",
-        where="--reference / --candidate",
-        fix="use pytorch:DIR[:fp32|fp16|bf16] or onnx:EXPORT_DIR[:cpu|cuda|tensorrt]",
-    )
+        return OnnxBackend(path, option or "cpu")
+    return EngineBackend(path, Path(option) if option else None)

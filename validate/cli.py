@@ -11,12 +11,17 @@ VALIDATE_HELP = "compare backends (PyTorch float or quantized, ONNX) at every le
 
 def add_validate_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser = subparsers.add_parser("validate", help=VALIDATE_HELP, description=VALIDATE_HELP + ".")
-    parser.add_argument("--reference", help="pytorch:DIR[:fp32|fp16|bf16] (default: the demo model, fp32)")
+    parser.add_argument(
+        "--reference",
+        help="pytorch:DIR[:fp32|fp16|bf16] (default: the demo model, fp32), or onnx:EXPORT_DIR:cpu to gate TensorRT "
+        "(engines or --provider tensorrt) against ONNX Runtime CPU on the same graphs",
+    )
     parser.add_argument(
         "--candidate",
         action="append",
         default=[],
-        help="onnx:EXPORT_DIR[:cpu|cuda|tensorrt] or pytorch:DIR[:fp32|fp16|bf16] (DIR float or quantized)",
+        help="onnx:EXPORT_DIR[:cpu|cuda|tensorrt], engine:ENGINE_DIR[:EXPORT_DIR] (TensorRT engines, UNVERIFIED) "
+        "or pytorch:DIR[:fp32|fp16|bf16] (DIR float or quantized)",
     )
     parser.add_argument(
         "--benchmark", action="append", default=[], help="NAME:DIR in official format (vqav2, mmbench, pope, ...)"

@@ -3,11 +3,13 @@ first real runs and bump GATES_VERSION with every change)."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, replace
+from typing import Any
 
 from owl3.validate.compare import DistributionComparison, TensorComparison
 
-GATES_VERSION = 2  # 2: gates for int8, w8a8 and int4
+GATES_VERSION = 3  # 2: gates for int8, w8a8 and int4; 3: TensorRT vs ONNX Runtime CPU on the same graphs
 
 
 @dataclass(frozen=True)
@@ -88,3 +90,26 @@ def export_gate(quantized: dict) -> Gate:
 def gate_for(kind: str, precision: str) -> Gate | None:
     """The gate of a candidate backend (``onnx``, ``fp16`` -> "onnx-fp16"); None: reported, not gated."""
     return GATES.get(f"{kind}-{precision}")
+
+
+# Gates of a pair of runtimes on the *same graphs* (same sha256): only the kernels differ. TensorRT (engines,
+# or ONNX Runtime's TensorRT EP) against ONNX Runtime CPU: issue 11's gate (0.3 points = 0.003).
+PAIR_GATES = {
+    ("tensorrt", "onnx-cpu"): Gate("TensorRT vs ONNX Runtime CPU on the same graphs", max_kl_mean=1e-3,
+                                   task_margin=0.003),
+}  # fmt: skip
+
+
+def select_gate(candidate: Any, reference: Any) -> tuple[str, Gate | None]:
+    """(key, gate) of a comparison: the pair's gate when both arms ran the same graphs on runtimes that
+    ``PAIR_GATES`` lists (``target``: where each really ran), else the candidate's own (``gate_for``)."""
+    pair = (getattr(candidate, "target", None), getattr(reference, "target", None))
+    if pair in PAIR_GATES and same_graphs(getattr(candidate, "graph_sha256", None),
+                                          getattr(reference, "graph_sha256", None)):  # fmt: skip
+        return f"{pair[0]}-vs-{pair[1]}", PAIR_GATES[pair]
+    return f"{candidate.kind}-{candidate.precision}", gate_for(candidate.kind, candidate.precision)
+
+
+def same_graphs(a: Mapping[str, str] | None, b: Mapping[str, str] | None) -> bool:
+    """Both arms ran graphs with the same files and sha256 (an empty or unknown record is never the same)."""
+    return bool(a) and bool(b) and dict(a) == dict(b) and all(a.values())

@@ -125,6 +125,13 @@ def run_validation(
     runs = [*load_runs(benchmark_specs, limit=limit, seed=seed), *extra_runs]
     reference = open_backend(reference_spec)
     candidates = [open_backend(spec) for spec in candidate_specs]
+    names = [arm.name for arm in (reference, *candidates)]
+    if len(set(names)) != len(names):
+        raise UsageError(
+            f"two arms have the same name: {names}",
+            where="--reference / --candidate",
+            fix="compare different exports, precisions, providers or engines (each arm is named by them)",
+        )
     overlaps = calibration_overlaps([reference, *candidates], runs)
     refuse_overlap(overlaps, allow_calibration_overlap)
     partial = output.with_name(f".{output.name}.partial")

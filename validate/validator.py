@@ -24,7 +24,7 @@ import numpy as np
 from owl3.processor import Owl3Processor
 from owl3.validate.backends import Backend
 from owl3.validate.benchmarks import id_list_hash
-from owl3.validate.gates import GATES_VERSION, Gate, gate_for
+from owl3.validate.gates import GATES_VERSION, Gate, select_gate
 from owl3.validate.items import Item, Task
 from owl3.validate.levels import ProbeRun, run_items, unit_scores
 from owl3.validate.probes import validation_cases
@@ -80,7 +80,7 @@ def validate(
     reports = {}
     for candidate in candidates:
         say(f"comparing {candidate.name} with {reference.name}")
-        gate = gate_for(candidate.kind, candidate.precision)
+        gate_key, gate = select_gate(candidate, reference)
         levels = _probe_levels(probes.compare(candidate), gate)
         levels["tasks"] = {b.name: _task_level(b, outcomes[b.name], reference, candidate, gate) for b in benchmarks}
         if distractors:
@@ -94,7 +94,7 @@ def validate(
             "arms": {"reference": _arm(reference), "candidate": _arm(candidate)},
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "tool_versions": tool_versions,
-            "gate": {"key": f"{candidate.kind}-{candidate.precision}", **_gate_json(gate, candidate)},
+            "gate": {"key": gate_key, **_gate_json(gate, candidate)},
             "subsets": {b.name: f"sha256:{id_list_hash(b.items)}" for b in benchmarks},
             "verdict": "rejected" if failures else "accepted",
             "failures": failures,
@@ -106,9 +106,15 @@ def validate(
     return reports
 
 
+_RUNTIMES = {"pytorch": "PyTorch (owl3 native model)", "onnx": "ONNX Runtime (owl3.runtime)",
+             "engine": "TensorRT engines (owl3.runtime, UNVERIFIED)"}  # fmt: skip
+
+
 def _arm(backend: Backend) -> dict[str, str]:
-    engine = {"pytorch": "PyTorch (owl3 native model)", "onnx": "ONNX Runtime (owl3.runtime)"}[backend.kind]
-    return {"name": backend.name, "precision": backend.precision, "backend": engine}
+    """The arm as reports show it; ``backend`` names the providers that really computed (not those asked for)."""
+    providers = ", ".join(getattr(backend, "providers", ()))
+    runtime = _RUNTIMES[backend.kind] + (f" on {providers}" if providers else "")
+    return {"name": backend.name, "precision": backend.precision, "backend": runtime}
 
 
 def _gate_json(gate: Gate | None, candidate: Backend) -> dict[str, Any]:
