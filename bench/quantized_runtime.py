@@ -23,7 +23,6 @@ import argparse
 import json
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -33,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from measure import peak_rss_kib, tensor_bytes
+from measure import child_result, peak_rss_kib, report, tensor_bytes
 
 # precision: (recipe, overrides). Round-to-nearest everywhere the recipes allow: quantizing is fast, speed the same.
 QUANTIZED = {
@@ -178,7 +177,7 @@ def child(export_dir: Path, prompt_tokens: int, new_tokens: int, repeats: int, t
         "decode_s_per_token": statistics.median(r[1] for r in runs[1:]),
         "peak_rss_gib": peak_rss_kib() / 2**20,
     }
-    print("RESULT " + json.dumps(result))
+    report(result)
 
 
 def prompt_ids(session: Any, target: int) -> np.ndarray:
@@ -198,11 +197,7 @@ def measure(export_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
                "--new-tokens", str(args.new_tokens), "--repeats", str(args.repeats)]  # fmt: skip
     if args.threads:
         command += ["--threads", str(args.threads)]
-    done = subprocess.run(command, capture_output=True, text=True)
-    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-    if done.returncode != 0 or not lines:
-        raise SystemExit(f"measuring {export_dir} failed ({done.returncode}):\n{done.stderr[-3000:]}")
-    return json.loads(lines[-1].removeprefix("RESULT "))
+    return child_result(command, str(export_dir))
 
 
 # ---- report ----------------------------------------------------------------------------------------------------

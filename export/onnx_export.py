@@ -256,7 +256,7 @@ def export_graph(
         from owl3.export.fused import finish_fused_graph, register_contrib_schemas
 
         register_contrib_schemas()  # the checker reads them too
-        fusions = finish_fused_graph(model, config)
+        fusions = finish_fused_graph(model, config, precision)
     quantized = rewrite(model) if rewrite is not None else None
     weight_bytes = bind_weights(model, reader)
     path = save_graph(model, spec, directory)

@@ -394,8 +394,11 @@ class QuantizedRewrite:
         old = matmul.outputs[0]
         out.name, out.dtype, out.shape = f"{module}.matmul_output", _FLOAT[self.compute], old.shape
         graph.insert_before(matmul, node)
-        ir.convenience.replace_all_uses_with(old, out)
+        output_name = old.name if old.is_graph_output() else None  # an fp32 lm_head gives "logits" directly
+        ir.convenience.replace_all_uses_with(old, out, replace_graph_outputs=True)
         graph.remove(matmul, safe=True)
+        if output_name is not None:
+            out.name = output_name
         self.counts["MatMulNBits"] += 1
 
     def _store_fp16(self, graph: ir.Graph, value: ir.Value) -> None:

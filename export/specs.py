@@ -13,7 +13,7 @@ decoder        in:  input_ids, position_ids, visible_images [batch, seq] (int64)
 The fused decoder (the ONNX Runtime flavour, ``fused=True``; ``owl3.export.fused``) keeps the cache in place:
                in:  as above, plus seqlens_k [batch] (int32, total - 1) and total_sequence_length [] (int32)
                     after logit_positions; past_key_i, past_value_i [batch, nkv, capacity, hd] are buffers
-                    (capacity >= total) whose first total - seq rows are the past
+                    (capacity >= total; float32 in every precision) whose first total - seq rows are the past
                out: logits, present_key_i, present_value_i [batch, nkv, capacity, hd]: the same buffers with the
                     seq new rows written (in place when bound to the same memory)
 
@@ -121,6 +121,7 @@ def graph_specs(config: Owl3Config, precision: str, fused: bool = False) -> dict
         sample={"batch": 2, "max_images": 2},
     )
     past, present = ("capacity", "capacity") if fused else ("past", "past+seq")
+    cache = "float32" if fused else f  # the fused decoder's cache and attention are fp32 (owl3.export.fused)
     cache_inputs = (
         (TensorSpec("seqlens_k", "int32", ("batch",)), TensorSpec("total_sequence_length", "int32", ()))
         if fused
@@ -134,7 +135,7 @@ def graph_specs(config: Owl3Config, precision: str, fused: bool = False) -> dict
             TensorSpec("visible_images", "int64", ("batch", "seq")),
             TensorSpec("logit_positions", "int64", ("batch", "logit_count")),
             *cache_inputs,
-            *(TensorSpec(name(i), f, ("batch", nkv, past, hd)) for i in layers for name in (past_key, past_value)),
+            *(TensorSpec(name(i), cache, ("batch", nkv, past, hd)) for i in layers for name in (past_key, past_value)),
             *(
                 TensorSpec(name(j), f, ("batch", nkv, "visual", hd))
                 for j in hyper
@@ -144,7 +145,7 @@ def graph_specs(config: Owl3Config, precision: str, fused: bool = False) -> dict
         outputs=(
             TensorSpec("logits", "float32", ("batch", "logit_count", text.vocab_size)),
             *(
-                TensorSpec(name(i), f, ("batch", nkv, present, hd))
+                TensorSpec(name(i), cache, ("batch", nkv, present, hd))
                 for i in layers
                 for name in (present_key, present_value)
             ),

@@ -59,7 +59,7 @@ def _in_place_feeds(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     out = dict(feeds)
     for name, value in feeds.items():
         if name.startswith("past_"):
-            buffer = np.zeros((*value.shape[:2], past + length, value.shape[3]), value.dtype)
+            buffer = np.zeros((*value.shape[:2], past + length, value.shape[3]), np.float32)  # fp32 cache
             buffer[:, :, :past] = value
             out[name] = buffer
     out["seqlens_k"] = np.full(batch, past + length - 1, dtype=np.int32)

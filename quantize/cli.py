@@ -24,7 +24,10 @@ def add_quantize_parser(subparsers: argparse._SubParsersAction) -> argparse.Argu
     parser.add_argument("--samples", type=int, default=128, help="calibration samples (default 128)")
     parser.add_argument("--seed", type=int, default=0, help="calibration selection seed")
     parser.add_argument("--text-only", action="store_true", help="calibrate without images (for comparison)")
-    parser.add_argument("--lm-head", choices=("int8",), help="quantize lm_head too (kept in float by default)")
+    parser.add_argument(
+        "--lm-head", choices=("int8", "int4"),
+        help="quantize lm_head too: int8 per channel, int4 in groups of 32 (kept in float by default)",
+    )  # fmt: skip
     parser.add_argument("--vision", choices=("int8",), help="quantize the vision tower's weights too")
     parser.add_argument("--exclude", action="append", default=[], help="regex of modules kept in float (repeatable)")
     parser.add_argument("--no-act-order", action="store_true", help="GPTQ in plain column order")

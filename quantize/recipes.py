@@ -49,7 +49,7 @@ FLOAT_BY_DEFAULT: dict[str, str] = {
     ),
     LM_HEAD_PATTERN: (
         "lm_head errors move the argmax directly and small models are the most sensitive to it; "
-        "override: lm_head='int8' (per channel)"
+        "override: lm_head='int8' (per channel) or 'int4' (groups of 32, as the peers' int4 builds)"
     ),
     r"language_model\.model\.embed_tokens": (
         "an embedding is a row lookup, not a matmul: quantizing it saves memory only, and neither MatMulNBits "
@@ -65,7 +65,8 @@ INT8_METHOD = "gptq"
 V_KV_SMOOTHING = "shared"
 METHODS = ("gptq", "rtn")
 GROUP_SIZES = (128, 64, 32, 16)
-OVERRIDES = (None, "int8")
+OVERRIDES = {"lm_head": (None, "int8", "int4"), "vision": (None, "int8")}
+LM_HEAD_INT4_GROUP = 32  # what llama.cpp's Q4_0 and ONNX Runtime GenAI's int4 use for the output projection
 
 
 class RecipeError(UsageError):
@@ -88,7 +89,7 @@ class Recipe:
     v_kv_smoothing: str | None = None  # W8A8: "separate" (own vector) or "shared" (with q/k/v)
     include: tuple[str, ...] = DECODER_LINEARS
     exclude: tuple[str, ...] = ()
-    lm_head: str | None = None  # None (float) or "int8"
+    lm_head: str | None = None  # None (float), "int8" (per channel) or "int4" (groups of 32)
     vision: str | None = None  # None (float) or "int8"
 
     def __post_init__(self) -> None:
@@ -132,9 +133,10 @@ class Recipe:
             _refuse(f"v_kv_smoothing {self.v_kv_smoothing!r} is not supported", "use 'separate' or 'shared'")
 
     def _check_overrides(self) -> None:
-        for option in ("lm_head", "vision"):
-            if getattr(self, option) not in OVERRIDES:
-                _refuse(f"{option}={getattr(self, option)!r} is not supported", f"use {option}=None or 'int8'")
+        for option, allowed in OVERRIDES.items():
+            if getattr(self, option) not in allowed:
+                shown = " or ".join(repr(a) for a in allowed)
+                _refuse(f"{option}={getattr(self, option)!r} is not supported", f"use {option}={shown}")
         if not self.include:
             _refuse("include matches nothing: the recipe would quantize no layer", "keep the default include")
 
@@ -142,7 +144,7 @@ class Recipe:
     def scheme_for(self, module: str) -> tuple[int, int] | None:
         """(bits, preferred group size) for a Linear module name, or None when it stays in float."""
         if re.fullmatch(LM_HEAD_PATTERN, module):
-            return (8, -1) if self.lm_head == "int8" else None
+            return {"int8": (8, -1), "int4": (4, LM_HEAD_INT4_GROUP), None: None}[self.lm_head]
         if re.fullmatch(VISION_LINEARS, module):
             return (8, -1) if self.vision == "int8" else None
         if any(re.fullmatch(p, module) for p in self.exclude):

@@ -164,7 +164,7 @@ def variant_name(chosen: Recipe, calibration: CalibrationConfig) -> str:
     base = RECIPES.get(chosen.name)
     parts = [chosen.name]
     parts += ["text-only"] if calibration.text_only else []
-    parts += ["lm_head-int8"] if chosen.lm_head else []
+    parts += [f"lm_head-{chosen.lm_head}"] if chosen.lm_head else []
     parts += ["vision-int8"] if chosen.vision else []
     for key, value in chosen.to_json().items():
         if base is not None and key not in ("name", "lm_head", "vision") and value != getattr(base, key):

@@ -25,7 +25,7 @@ HYPER_GATE = r"language_model\.model\.layers\.\d+\.self_attn\.gate_proj\.0"
         ({"method": "rtn"}, "act_order only changes GPTQ's column order"),
         ({"smoothquant_alpha": 0.5}, "SmoothQuant settings need int8 activations"),
         ({"activations": "int8", "smoothquant_alpha": 0.5, "v_kv_smoothing": "shared"}, "need 8-bit weights"),
-        ({"lm_head": "int4"}, "lm_head='int4' is not supported"),
+        ({"lm_head": "int2"}, "lm_head='int2' is not supported"),
         ({"vision": "fp8"}, "vision='fp8' is not supported"),
         ({"include": ()}, "include matches nothing"),
         ({"exclude": ("layers.[",)}, "not a regular expression"),
@@ -92,6 +92,13 @@ def test_overrides_quantize_lm_head_and_vision_to_int8_per_channel() -> None:
     assert chosen.scheme_for("vision_model.encoder.layers.3.mlp.fc2") == (8, -1)
     assert chosen.scheme_for("vision2text_model") is None  # the projector has no override
     assert chosen.scheme_for("language_model.model.layers.0.self_attn.gate_proj.0") is None
+
+
+def test_lm_head_can_be_int4_in_groups_of_32_like_the_peers_but_vision_cannot() -> None:
+    assert recipe("int4", lm_head="int4").scheme_for("language_model.lm_head") == (4, 32)
+    with pytest.raises(RecipeError, match="vision='int4' is not supported") as error:
+        recipe("int4", vision="int4")
+    assert "'int8'" in error.value.fix and "'int4'" not in error.value.fix
 
 
 def test_exclude_wins_and_include_cannot_reach_float_by_design_modules() -> None:

@@ -334,3 +334,21 @@ def test_precision_int8_on_the_default_model_writes_every_stage_and_one_report(t
     index = (tmp_path / "out/m-report/index.md").read_text()
     for arm in ("onnx-fp16", "pytorch-int8", "onnx-int8", "onnx-int8-trt"):
         assert f"| {arm} |" in index  # the side-by-side table has a row per arm
+
+
+def test_an_int4_lm_head_becomes_matmulnbits_in_groups_of_32(tmp_path_factory, demo_model_dir: Path) -> None:
+    """``lm_head='int4'`` (the peers' int4 builds quantize the output projection too): packed in groups of 32,
+    exported as one MatMulNBits with block 32 in the fused ORT flavour, validated against PyTorch."""
+    from tests.conftest import quantize_demo
+
+    checkpoint = quantize_demo(tmp_path_factory, demo_model_dir, "rtn4", lm_head="int4")
+    directory = export_model(checkpoint, tmp_path_factory.mktemp("lm-head") / "ort", target="ort")
+    manifest = json.loads((directory / "manifest.json").read_text())
+    assert manifest["status"] == "ok" and manifest["fused"]
+    node = next(
+        n for n in _graph(directory / "decoder.onnx").graph.node if n.name.startswith("language_model.lm_head/")
+    )
+    assert node.op_type == "MatMulNBits"
+    assert {a.name: a.i for a in node.attribute}["block_size"] == 32 and {a.name: a.i for a in node.attribute}[
+        "bits"
+    ] == 4

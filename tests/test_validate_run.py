@@ -128,3 +128,22 @@ def test_validate_command_on_fixtures_in_every_official_format(
         assert task["delta"]["n_units"] >= 1, name
         assert task["delta"]["lost"] == task["delta"]["gained"] == 0, name  # fp32: identical greedy answers
     assert str(out / "index.md") in capsys.readouterr().out
+
+
+def test_the_fused_decoder_is_validated_against_the_unfused_one_at_every_level(
+    demo_model_dir: Path, demo_export_fp32: Path, runs, tmp_path: Path
+) -> None:
+    """The validator's one comparison path takes two exports of the same weights: the fused ort flavour
+    against the unfused one, under the fp32 gate (max abs 1e-4, identical top-1), every level."""
+    from owl3.export.pipeline import export_model
+
+    unfused = export_model(demo_model_dir, tmp_path / "unfused", "fp32", fused=False, validate=False)
+    out = tmp_path / "validation"
+    reports = run_validation(f"onnx:{unfused}", [f"onnx:{demo_export_fp32}"], [], out, extra_runs=runs[:2])
+    assert set(reports) == {"onnx-fp32"}
+    assert read_manifest(out, schema=SCHEMA)["verdicts"] == {"onnx-fp32": "accepted"}
+    report = reports["onnx-fp32"]
+    assert report["header"]["arms"]["reference"]["name"] == "onnx-fp32-unfused"
+    assert set(report["levels"]) >= {"graph", "tensors", "distribution", "tasks"}
+    delta = report["levels"]["tasks"]["synthetic-vqa"]["delta"]
+    assert delta["lost"] == delta["gained"] == 0
