@@ -86,14 +86,14 @@ PLAN = {
         Variant("llama", "Q8_0", "default"),
     ),
     "int4": (
-        *(Variant(engine, "int4", lm_head) for engine in ("ours", "genai") for lm_head in ("float", "int8")),
-        Variant("genai", "int4", "int4"), Variant("llama", "Q4_0", "default"), Variant("llama", "Q4_0", "Q4_0"),
+        *(Variant(engine, "int4", lm_head) for engine in ("ours", "genai") for lm_head in ("float", "int8", "int4")),
+        Variant("llama", "Q4_0", "default"), Variant("llama", "Q4_0", "Q4_0"),
     ),
 }  # fmt: skip
 
 
 def plan(
-    precisions: Sequence[str], engines: Sequence[str], ours_lm_head: Sequence[str] = ("float", "int8")
+    precisions: Sequence[str], engines: Sequence[str], ours_lm_head: Sequence[str] = ("float", "int8", "int4")
 ) -> list[Variant]:
     """Every variant the options ask for, ours first in each precision (ours quantized with ``ours_lm_head``)."""
     chosen = [v for p in PRECISIONS if p in precisions for v in PLAN[p] if v.engine in engines]
@@ -178,7 +178,7 @@ def prompt_ids(model_dir: Path, vocab_size: int, count: int) -> list[int]:
 
 
 def build_ours(variant: Variant, preset: str, model_dir: Path, workdir: Path, samples: int) -> Path:
-    """Our export of the variant (float, or RTN-quantized with lm_head float or int8), ORT flavour, level 4."""
+    """Our export of the variant (float, or RTN-quantized with lm_head float, int8 or int4), ORT flavour, level 4."""
     export = Export(variant.format) if variant.format == "fp32" else Export(variant.format, "ort", 4)
     if variant.format == "fp32":
         return exported(model_dir, workdir / f"{preset}-{export.dirname}", export)
@@ -187,13 +187,13 @@ def build_ours(variant: Variant, preset: str, model_dir: Path, workdir: Path, sa
         return exported(source, workdir / f"{preset}-{export.dirname}", export)
     from owl3.quantize import CalibrationConfig, quantize_model, recipe
 
-    source = workdir / f"{preset}-{variant.format}-rtn-lm_head-int8"
+    source = workdir / f"{preset}-{variant.format}-rtn-lm_head-{variant.lm_head}"
     if not (source / "manifest.json").is_file():
         name, overrides = QUANTIZED[variant.format]
-        say(f"quantizing {variant.format} (recipe {name}, lm_head int8)")
-        chosen = recipe(name, **overrides, lm_head="int8")
+        say(f"quantizing {variant.format} (recipe {name}, lm_head {variant.lm_head})")
+        chosen = recipe(name, **overrides, lm_head=variant.lm_head)
         quantize_model(model_dir, source, chosen, CalibrationConfig(samples=samples), force=True)
-    return exported(source, workdir / f"{preset}-lm_head-int8-{export.dirname}", export)
+    return exported(source, workdir / f"{preset}-lm_head-{variant.lm_head}-{export.dirname}", export)
 
 
 def genai_python(workdir: Path, given: Path | None) -> Path:
@@ -589,8 +589,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--new-tokens", type=int, default=64, help="decode steps after the first token")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs after one warm-up (median reported)")
     parser.add_argument("--samples", type=int, default=2, help="calibration samples (RTN reads only shapes)")
-    parser.add_argument("--lm-head", nargs="+", default=["float", "int8"], choices=["float", "int8"],
-                        help="our int8/int4 exports' lm_head: float (our default, fp16) and/or int8")  # fmt: skip
+    parser.add_argument("--lm-head", nargs="+", default=["float", "int8", "int4"], choices=["float", "int8", "int4"],
+                        help="our quantized exports' lm_head: float (fp16, our default), int8, int4")  # fmt: skip
     parser.add_argument("--skip-genai", action="store_true", help="no ONNX Runtime GenAI")
     parser.add_argument("--genai-python", type=Path, help="a python with onnxruntime-genai (default: a venv made "
                         "in the workdir)")  # fmt: skip

@@ -267,6 +267,7 @@ class Owl3Config:
                 num_attention_heads=14,
                 num_key_value_heads=2,
                 tie_word_embeddings=True,
+                vocab_size=151_936,  # Qwen2-0.5B's own (the 7B-240728 has 151,851, which int4/int8 packing refuses)
             ),
             vision=big.vision,
             hyper_layers=(0, 8, 16),

@@ -55,7 +55,9 @@ def test_plan_pairs_each_of_our_formats_with_the_peers() -> None:
     variants = peers.plan(["int4", "fp32"], ["ours", "genai"])
     assert [v.format for v in variants[:2]] == ["fp32", "fp32"]  # precision order, not argument order
     int4 = [(v.engine, v.lm_head) for v in variants if v.format == "int4"]
-    assert int4 == [("ours", "float"), ("ours", "int8"), ("genai", "float"), ("genai", "int8"), ("genai", "int4")]
+    assert int4 == [
+        ("ours", "float"), ("ours", "int8"), ("ours", "int4"), ("genai", "float"), ("genai", "int8"), ("genai", "int4")
+    ]  # fmt: skip
     assert {v.engine for v in peers.plan(list(peers.PRECISIONS), ["ours", "genai", "llama"])} == {
         "ours", "genai", "llama"}  # fmt: skip
     ours = [(v.format, v.lm_head) for v in peers.plan(list(peers.PRECISIONS), ["ours"], ["float"])]

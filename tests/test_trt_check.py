@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -158,10 +159,14 @@ def test_folding_turns_a_reshape_of_constants_into_the_constant_tensorrt_needs(t
     np.testing.assert_allclose(y, x.mean(-1, keepdims=True), rtol=1e-6)
 
 
-def test_exports_pass_for_tensorrt_and_the_cli_reports(demo_export_fp16: Path, tmp_path: Path) -> None:
-    assert check_export(demo_export_fp16, ("10.3", "11.1"))["10.3"]["ready"]
+def test_exports_pass_for_tensorrt_and_the_cli_reports(
+    demo_export_fp16_trt: Path, demo_export_fp16: Path, tmp_path: Path
+) -> None:
+    assert check_export(demo_export_fp16_trt, ("10.3", "11.1"))["10.3"]["ready"]
+    fused = check_export(demo_export_fp16, ("10.3",))["10.3"]  # the ONNX Runtime flavour is not for TensorRT
+    assert not fused["ready"] and "GroupQueryAttention" in json.dumps(fused)
     done = subprocess.run(
-        [sys.executable, "-m", "owl3.cli", "check-trt", str(demo_export_fp16), "--json", str(tmp_path / "r.json")],
+        [sys.executable, "-m", "owl3.cli", "check-trt", str(demo_export_fp16_trt), "--json", str(tmp_path / "r.json")],
         capture_output=True, text=True,
     )  # fmt: skip
     assert done.returncode == 0 and "TensorRT 10.3: ready (0 errors" in done.stdout
