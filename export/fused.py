@@ -40,12 +40,13 @@ import onnx_ir as ir
 import onnxscript
 import torch
 from onnx.defs import OpSchema
-from torch import Tensor, nn
+from torch import Tensor
 
 from owl3.config import Owl3Config
+from owl3.export.graphs import DecoderGraph
 from owl3.model.attention import attention_kernels, compute_dtype, grouped_attention, rope_inv_freq, rotate_half
 from owl3.model.hyper import cross_mask
-from owl3.model.owl3 import Owl3Model, VisualMemory
+from owl3.model.owl3 import Owl3Model
 
 MS_DOMAIN = "com.microsoft"
 _MS = onnxscript.values.Opset(MS_DOMAIN, 1)
@@ -246,12 +247,11 @@ def rotary_caches(config: Owl3Config) -> tuple[np.ndarray, np.ndarray]:
     return angles.cos().numpy(), angles.sin().numpy()
 
 
-class FusedDecoderGraph(nn.Module):
+class FusedDecoderGraph(DecoderGraph):
     """The decoder with the fused kernels and the in-place cache (``export.specs``: the fused decoder spec)."""
 
     def __init__(self, model: Owl3Model) -> None:
-        super().__init__()
-        self.model = model
+        super().__init__(model)
         text = model.config.text
         rows, half = text.max_position_embeddings, text.head_dim // 2
         self.register_buffer("cos_cache", torch.empty(rows, half, dtype=torch.float32))
@@ -268,16 +268,9 @@ class FusedDecoderGraph(nn.Module):
         past: list[Tensor],
         visual: list[Tensor],
     ) -> tuple[Tensor, list[Tensor]]:
-        pairs = [(past[2 * i], past[2 * i + 1]) for i in range(len(past) // 2)]
-        memory = VisualMemory(
-            kv=[(visual[2 * j], visual[2 * j + 1]) for j in range(len(visual) // 2)], image_counts=None
-        )
         kernels = FusedKernels(position_ids, seqlens_k, total_sequence_length, self.cos_cache, self.sin_cache)
         with attention_kernels(kernels):
-            logits, present = self.model.language_model(
-                input_ids, position_ids, pairs, memory, visible_images, logit_positions
-            )
-        return logits, [t for kv in present for t in kv]
+            return self.decode(input_ids, position_ids, visible_images, logit_positions, past, visual)
 
 
 def finish_fused_graph(model: ir.Model, config: Owl3Config, precision: str) -> dict[str, int]:

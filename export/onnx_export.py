@@ -253,9 +253,8 @@ def export_graph(
     fold_constant_subgraphs(model)
     fusions = None
     if fused:
-        from owl3.export.fused import finish_fused_graph, register_contrib_schemas
+        from owl3.export.fused import finish_fused_graph  # trace_graph registered the contrib schemas
 
-        register_contrib_schemas()  # the checker reads them too
         fusions = finish_fused_graph(model, config, precision)
     quantized = rewrite(model) if rewrite is not None else None
     weight_bytes = bind_weights(model, reader)

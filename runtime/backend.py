@@ -282,37 +282,20 @@ class OrtGraph:
                 binding.bind_ortvalue_input(name, value)
             else:
                 binding.bind_cpu_input(name, np.ascontiguousarray(value))
-        shared = {}
         for name, (output, buffer) in buffers.items():
             binding.bind_ortvalue_input(name, buffer)
             binding.bind_ortvalue_output(output, buffer)
-            shared[output] = buffer
+        shared = {output for output, _ in buffers.values()}
         others = [name for name in self.output_names if name not in shared]
         for name in others:
             binding.bind_output(name, self.device if name in keep else "cpu")
         self.session.run_with_iobinding(binding)
-        values = binding.get_outputs()  # in binding order: the buffers first, then the others
-        return {
-            name: value if name in keep else value.numpy()
-            for name, value in zip(others, values[len(shared) :], strict=True)
-        }
+        values = binding.get_outputs()[len(shared) :]  # in binding order: the buffers first, then the others
+        return {name: value if name in keep else value.numpy() for name, value in zip(others, values, strict=True)}
 
     def _run_bound(self, feeds: Mapping[str, Any], keep: Collection[str]) -> dict[str, Any]:
-        """CUDA IO binding (UNVERIFIED until run on a GPU)."""
-        binding = self.session.io_binding()
-        for name, value in feeds.items():
-            if isinstance(value, ort.OrtValue):
-                binding.bind_ortvalue_input(name, value)
-            else:
-                binding.bind_cpu_input(name, np.ascontiguousarray(value))
-        for name in self.output_names:
-            binding.bind_output(name, "cuda" if name in keep else "cpu")
-        self.session.run_with_iobinding(binding)
-        values = binding.get_outputs()
-        return {
-            name: value if name in keep else value.numpy()
-            for name, value in zip(self.output_names, values, strict=True)
-        }
+        """CUDA IO binding (UNVERIFIED until run on a GPU): ``run_in_place`` without shared buffers."""
+        return self.run_in_place(feeds, {}, keep)
 
 
 @dataclass(frozen=True)
