@@ -10,7 +10,7 @@ EXPORT_HELP = "export a float or a quantized (GPTQ) checkpoint to ONNX graphs, v
 
 
 def add_export_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    from owl3.export.specs import ACCURACY_LEVEL, ACCURACY_LEVELS, FLAVOURS, PRECISIONS
+    from owl3.export.specs import ACCURACY_LEVEL, ACCURACY_LEVELS, ATTENTION_KERNELS, FLAVOURS, PRECISIONS
 
     parser = subparsers.add_parser("export", help=EXPORT_HELP, description=EXPORT_HELP + ".")
     parser.add_argument("--model", type=Path, help="checkpoint directory: float, or written by 'owl3-export quantize'")
@@ -32,6 +32,11 @@ def add_export_parser(subparsers: argparse._SubParsersAction) -> argparse.Argume
         "--unfused", action="store_true",
         help="ort flavour: standard attention with a concatenated KV cache instead of ONNX Runtime's fused "
         "operators and in-place cache (for comparison)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--attention", choices=ATTENTION_KERNELS, default="grouped",
+        help="fused ort flavour, the decoder's self-attention: grouped (standard operators, the cache read once "
+        "per KV head: fastest on CPU) or gqa (ONNX Runtime's GroupQueryAttention, flash attention on CUDA)",
     )  # fmt: skip
     parser.add_argument("--output", type=Path, required=True, help="export directory")
     parser.add_argument("--no-validate", action="store_true", help="skip the comparison with PyTorch")
@@ -103,7 +108,8 @@ def cmd_export_stage(args: argparse.Namespace) -> int:
     model_dir = resolve_model_dir(args.model)
     export_model(
         model_dir, args.output, args.precision, target=args.target, accuracy_level=args.accuracy_level,
-        fused=False if args.unfused else None, force=args.force, validate=not args.no_validate, progress=_note,
+        fused=False if args.unfused else None, attention=args.attention, force=args.force,
+        validate=not args.no_validate, progress=_note,
     )  # fmt: skip
     print(args.output)
     return 0

@@ -3,19 +3,23 @@
 The decoder is traced through the same ``Owl3Model`` under ``attention_kernels(FusedKernels(...))``, so only the
 attention math changes; projections, norms, gate and MLP are the model's own code. Each kernel is a PyTorch
 custom operator with a reference implementation (what ONNX Runtime computes, runnable here for tests) that the
-exporter translates to exactly one ``com.microsoft`` operator:
+exporter translates to one ``com.microsoft`` operator (the self-attention by default to a few standard ones):
 
 - ``RotaryEmbedding`` on q and k (positions from ``position_ids``; cos/sin caches of ``max_position_embeddings``
   rows, one pair of initializers shared by every layer);
-- ``GroupQueryAttention`` with the KV cache in place: ``past_key_i`` / ``past_value_i`` are buffers of a
-  request's capacity [B, nkv, capacity, hd] (capacity >= ``total_sequence_length``) whose first
-  ``total - seq`` rows hold the past; the step writes its ``seq`` new rows and ``present_*`` is that same
-  buffer. The cache and the attention are fp32 in every precision: fp16 exports keep attention in fp32 (their
-  fp32 islands; ONNX Runtime documents no fp32 softmax for its fp16 CPU kernel), at twice the cache memory of
-  an fp16 cache; casting the cache at every step instead would undo the in-place cache.
-  Bound to one ``OrtValue`` for input and output (IO binding), nothing is copied: a decode step reads
-  the cache and writes one row, whatever the context. ``seqlens_k`` [B] int32 = total - 1,
-  ``total_sequence_length`` [] int32;
+- causal self-attention with the KV cache in place (one custom operator, GroupQueryAttention's interface):
+  ``past_key_i`` / ``past_value_i`` are buffers of a request's capacity [B, nkv, capacity, hd] (capacity >=
+  ``total_sequence_length``) whose first ``total - seq`` rows hold the past; the step writes its ``seq`` new
+  rows and ``present_*`` is that same buffer. Bound to one ``OrtValue`` for input and output (IO binding),
+  nothing is copied: a decode step reads the cache and writes one row, whatever the context. ``seqlens_k``
+  [B] int32 = total - 1, ``total_sequence_length`` [] int32. Two kernels (``FusedKernels``): "grouped"
+  (the default, ``cache_attention``: ScatterND writes the rows in place, one MatMul per KV head for the scores
+  and one for the values, so each cache row is read once per step) and "gqa" (ONNX Runtime's
+  ``GroupQueryAttention``, whose CPU kernel reads each KV head once per query head: 21.9 ms of attention per
+  int4 step at 4,096 tokens here against about 15 ms grouped, README; on CUDA it is flash attention). The
+  cache and the attention are fp32 in every precision: fp16 exports keep attention in fp32 (their fp32
+  islands; ONNX Runtime documents no fp32 softmax for its fp16 CPU kernel), at twice the cache memory of an
+  fp16 cache; casting the cache at every step instead would undo the in-place cache;
 - ``MultiHeadAttention`` for the hyper layers' cross-attention over the visual memory: the GQA groups are folded
   into the query length (num_heads = nkv, query [B, g*L, nkv*hd]) so K/V are used as stored, and the
   ``visible_images`` rule is its additive ``attention_bias`` [B, 1, g*L, M].
@@ -24,8 +28,8 @@ RMSNorm becomes ``SimplifiedLayerNormalization`` / ``SkipSimplifiedLayerNormaliz
 rewriter's rules (``onnxscript.rewriter.ort_fusions``) in fp32 graphs. fp16 graphs keep the model's RMSNorm
 (explicit fp32 islands): fused, they flipped one of the demo validation's 82 image positions (top-1 0.988
 against the 0.99 gate; the unfused norm passes), and the norm is a small part of a decode step.
-The rewriter's GQA rule does not apply: it fuses a graph that concatenates the cache (ours did not even
-match: the grouped broadcast and the explicit mask differ from the patterns it knows), and a rewrite must keep
+The rewriter's GQA rule does not apply either way: it fuses a graph that concatenates the cache (ours did not
+even match: the grouped broadcast and the explicit mask differ from the patterns it knows), and a rewrite must keep
 a graph's meaning, while the in-place cache changes the graph's inputs. Hence the kernels above, one custom
 operator each, instead of hand-written pattern code. (Its full ``optimize_for_ort`` fuses the SigLIP graph too,
 but it serializes the model, which the meta-traced graphs without weights cannot be: the vision graph relies
@@ -44,6 +48,7 @@ from torch import Tensor
 
 from owl3.config import Owl3Config
 from owl3.export.graphs import DecoderGraph
+from owl3.export.specs import ATTENTION_KERNELS
 from owl3.model.attention import attention_kernels, compute_dtype, grouped_attention, rope_inv_freq, rotate_half
 from owl3.model.hyper import cross_mask
 from owl3.model.owl3 import Owl3Model
@@ -166,6 +171,37 @@ def _(q, k, v, past_key, past_value, seqlens_k, total_sequence_length, num_heads
     return torch.empty_like(q), torch.empty_like(past_key), torch.empty_like(past_value)
 
 
+@torch.library.custom_op("owl3::cache_attention", mutates_args=())
+def cache_attention(
+    q: Tensor, k: Tensor, v: Tensor, past_key: Tensor, past_value: Tensor, write_index: Tensor, visible: Tensor,
+    num_heads: int, kv_num_heads: int, head_dim: int,
+) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    """Causal attention over the in-place cache with each KV head's queries in one product (the "grouped"
+    self-attention, module docstring). q [B, S, nh*hd] and k, v [B, S, nkv*hd] (rotated); past_* [B, nkv, cap,
+    hd]; ``write_index`` [B, S, nkv, 3] int64: (sample, KV head, row) of each new row; ``visible`` [B, nkv,
+    g*S, cap] bool: query i of group member g (row g*S + i) may read that cache row. -> out, present_key,
+    present_value (the buffers with the new rows written). Rows never visible must be finite (probability 0
+    times them)."""
+    b, length, _ = q.shape
+    groups = num_heads // kv_num_heads
+    present = []
+    for past, new in ((past_key, k), (past_value, v)):
+        buffer = past.clone()
+        buffer[write_index[..., 0], write_index[..., 1], write_index[..., 2]] = new.view(b, length, kv_num_heads, -1)
+        present.append(buffer)
+    grouped = (q * head_dim**-0.5).view(b, length, kv_num_heads, groups, head_dim)
+    queries = grouped.permute(0, 2, 3, 1, 4).reshape(b, kv_num_heads, groups * length, head_dim)
+    scores = (queries @ present[0].transpose(-1, -2)).masked_fill(~visible, torch.finfo(q.dtype).min)
+    out = torch.softmax(scores, dim=-1) @ present[1]  # [B, nkv, g*S, hd]
+    out = out.view(b, kv_num_heads, groups, length, head_dim).permute(0, 3, 1, 2, 4)
+    return out.reshape(b, length, num_heads * head_dim), present[0], present[1]
+
+
+@cache_attention.register_fake
+def _(q, k, v, past_key, past_value, write_index, visible, num_heads, kv_num_heads, head_dim):
+    return torch.empty_like(q), torch.empty_like(past_key), torch.empty_like(past_value)
+
+
 @torch.library.custom_op("owl3::multi_head_attention", mutates_args=())
 def multi_head_attention(q: Tensor, k: Tensor, v: Tensor, attention_bias: Tensor, num_heads: int) -> Tensor:
     """q [B, S, n*hd] over k, v [B, n, M, hd] with ``attention_bias`` [B, 1, S, M] -> [B, S, n*hd]."""
@@ -190,6 +226,30 @@ def _gqa_onnx(q, k, v, past_key, past_value, seqlens_k, total, num_heads: int, k
     )
 
 
+def _cache_attention_onnx(
+    q, k, v, past_key, past_value, write_index, visible, num_heads: int, kv_num_heads: int, head_dim: int
+):
+    """``cache_attention`` in standard operators: 16 per layer, the step's indices and mask coming from the
+    graph-wide ``FusedKernels`` geometry. ONNX Runtime's ``ScatterND`` copies nothing when its output is the
+    same memory as its input (IO binding), so the step's rows are written in place."""
+    op, groups = onnxscript.opset18, num_heads // kv_num_heads
+
+    def ints(*values: int):
+        return op.Constant(value_ints=list(values))
+
+    present_key = op.ScatterND(past_key, write_index, op.Reshape(k, ints(0, 0, kv_num_heads, head_dim)))
+    present_value = op.ScatterND(past_value, write_index, op.Reshape(v, ints(0, 0, kv_num_heads, head_dim)))
+    scaled = op.Mul(q, op.Constant(value_float=head_dim**-0.5))
+    grouped = op.Reshape(scaled, ints(0, 0, kv_num_heads, groups, head_dim))  # [B, S, nkv, g, hd]
+    columns = op.Reshape(op.Transpose(grouped, perm=[0, 2, 4, 3, 1]), ints(0, 0, head_dim, -1))  # [B, nkv, hd, g*S]
+    scores = op.Transpose(op.MatMul(present_key, columns), perm=[0, 1, 3, 2])  # [B, nkv, g*S, cap]
+    lowest = op.Constant(value_float=float(np.finfo(np.float32).min))
+    probs = op.Softmax(op.Where(visible, scores, lowest), axis=-1)
+    out = op.Reshape(op.MatMul(probs, present_value), ints(0, 0, groups, -1, head_dim))  # [B, nkv, g, S, hd]
+    out = op.Reshape(op.Transpose(out, perm=[0, 3, 1, 2, 4]), ints(0, 0, -1))  # [B, S, nh*hd], head j*g + g'
+    return out, present_key, present_value
+
+
 def _mha_onnx(q, k, v, attention_bias, num_heads: int):
     return _MS.MultiHeadAttention(q, k, v, None, None, attention_bias, num_heads=num_heads)
 
@@ -197,6 +257,7 @@ def _mha_onnx(q, k, v, attention_bias, num_heads: int):
 TRANSLATIONS = {
     torch.ops.owl3.rotary_embedding.default: _rotary_onnx,
     torch.ops.owl3.group_query_attention.default: _gqa_onnx,
+    torch.ops.owl3.cache_attention.default: _cache_attention_onnx,
     torch.ops.owl3.multi_head_attention.default: _mha_onnx,
 }
 
@@ -205,13 +266,35 @@ TRANSLATIONS = {
 
 
 class FusedKernels:
-    """``AttentionKernels`` on the three custom operators, for one decoder run (its graph-level inputs)."""
+    """``AttentionKernels`` on the custom operators, for one decoder run (its graph-level inputs); the
+    self-attention ``attention``: "grouped" (``cache_attention``) or "gqa" (``group_query_attention``)."""
 
     def __init__(
-        self, position_ids: Tensor, seqlens_k: Tensor, total: Tensor, cos_cache: Tensor, sin_cache: Tensor
-    ) -> None:
+        self, position_ids: Tensor, seqlens_k: Tensor, total: Tensor, cos_cache: Tensor, sin_cache: Tensor,
+        attention: str = "grouped",
+    ) -> None:  # fmt: skip
+        if attention not in ATTENTION_KERNELS:
+            raise ValueError(f"unknown self-attention kernel {attention!r}: one of {ATTENTION_KERNELS}")
         self.position_ids, self.seqlens_k, self.total = position_ids, seqlens_k, total
-        self.cos_cache, self.sin_cache = cos_cache, sin_cache
+        self.cos_cache, self.sin_cache, self.attention = cos_cache, sin_cache, attention
+        self._geometry: tuple[Tensor, Tensor] | None = None
+
+    def geometry(self, q: Tensor, capacity: int, kv_heads: int, groups: int) -> tuple[Tensor, Tensor]:
+        """The step's ``cache_attention`` indices and mask, computed once per run for every layer (traced
+        once, so the graph holds one copy): sample b's new rows are ``seqlens_k[b] + 1 - S + i``."""
+        if self._geometry is None:
+            b, length, device = q.shape[0], q.shape[1], q.device
+            steps = torch.arange(length, device=device)
+            rows = (self.seqlens_k.to(torch.int64) + 1 - length)[:, None] + steps  # [B, S]
+            samples, heads = torch.arange(b, device=device), torch.arange(kv_heads, device=device)
+            axes = samples[:, None, None], heads[None, None, :], rows[:, :, None]
+            write_index = torch.stack(torch.broadcast_tensors(*axes), dim=-1)  # [B, S, nkv, 3]: no transposes
+            keys = torch.arange(capacity, device=device)
+            visible = keys[None, None, :] <= rows[:, :, None]  # [B, S, cap]: causal
+            visible = visible[:, None].expand(b, groups, length, capacity).reshape(b, 1, groups * length, capacity)
+            visible = visible.expand(b, kv_heads, groups * length, capacity)  # once: no broadcast in each layer
+            self._geometry = (write_index, visible)
+        return self._geometry
 
     def self_attention(
         self, q: Tensor, k: Tensor, v: Tensor, past: tuple[Tensor, Tensor], num_heads: int, num_kv_heads: int
@@ -219,9 +302,16 @@ class FusedKernels:
         dtype, work = q.dtype, compute_dtype(q.dtype)  # fp32 under fp32 islands: rotary, cache and attention
         q = torch.ops.owl3.rotary_embedding(q.to(work), self.position_ids, self.cos_cache, self.sin_cache, num_heads)
         k = torch.ops.owl3.rotary_embedding(k.to(work), self.position_ids, self.cos_cache, self.sin_cache, num_kv_heads)
-        ctx, key, value = torch.ops.owl3.group_query_attention(
-            q, k, v.to(work), past[0], past[1], self.seqlens_k, self.total, num_heads, num_kv_heads
-        )
+        if self.attention == "gqa":
+            ctx, key, value = torch.ops.owl3.group_query_attention(
+                q, k, v.to(work), past[0], past[1], self.seqlens_k, self.total, num_heads, num_kv_heads
+            )
+        else:
+            head_dim = past[0].shape[-1]
+            index, visible = self.geometry(q, past[0].shape[2], num_kv_heads, num_heads // num_kv_heads)
+            ctx, key, value = torch.ops.owl3.cache_attention(
+                q, k, v.to(work), past[0], past[1], index, visible, num_heads, num_kv_heads, head_dim
+            )
         b, length, _ = q.shape
         return ctx.to(dtype), q.view(b, length, num_heads, -1).transpose(1, 2), (key, value)
 
@@ -250,8 +340,9 @@ def rotary_caches(config: Owl3Config) -> tuple[np.ndarray, np.ndarray]:
 class FusedDecoderGraph(DecoderGraph):
     """The decoder with the fused kernels and the in-place cache (``export.specs``: the fused decoder spec)."""
 
-    def __init__(self, model: Owl3Model) -> None:
+    def __init__(self, model: Owl3Model, attention: str = "grouped") -> None:
         super().__init__(model)
+        self.attention = attention
         text = model.config.text
         rows, half = text.max_position_embeddings, text.head_dim // 2
         self.register_buffer("cos_cache", torch.empty(rows, half, dtype=torch.float32))
@@ -268,7 +359,9 @@ class FusedDecoderGraph(DecoderGraph):
         past: list[Tensor],
         visual: list[Tensor],
     ) -> tuple[Tensor, list[Tensor]]:
-        kernels = FusedKernels(position_ids, seqlens_k, total_sequence_length, self.cos_cache, self.sin_cache)
+        kernels = FusedKernels(
+            position_ids, seqlens_k, total_sequence_length, self.cos_cache, self.sin_cache, self.attention
+        )
         with attention_kernels(kernels):
             return self.decode(input_ids, position_ids, visible_images, logit_positions, past, visual)
 

@@ -88,12 +88,13 @@ class DecoderGraph(nn.Module):
         return logits, [t for kv in present for t in kv]
 
 
-def graph_module(name: str, model: Owl3Model, fused: bool = False) -> nn.Module:
-    """The wrapper of graph ``name``; ``fused``: the decoder on ONNX Runtime's kernels (``owl3.export.fused``)."""
+def graph_module(name: str, model: Owl3Model, fused: bool = False, attention: str = "grouped") -> nn.Module:
+    """The wrapper of graph ``name``; ``fused``: the decoder on ONNX Runtime's kernels (``owl3.export.fused``),
+    its self-attention ``attention``."""
     if fused and name == "decoder":
         from owl3.export.fused import FusedDecoderGraph
 
-        return FusedDecoderGraph(model)
+        return FusedDecoderGraph(model, attention)
     return {"vision": VisionGraph, "visual_memory": VisualMemoryGraph, "decoder": DecoderGraph}[name](model)
 
 

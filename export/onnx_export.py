@@ -44,9 +44,12 @@ class ExportError(Owl3Error):
     """The exporter produced a graph that fails its checks (a bug: exit 1)."""
 
 
-def trace_graph(name: str, config: Owl3Config, precision: str, fused: bool = False) -> ir.Model:
+def trace_graph(
+    name: str, config: Owl3Config, precision: str, fused: bool = False, attention: str = "grouped"
+) -> ir.Model:
     """Trace graph ``name`` on the meta device in ``precision`` (fp32 | fp16); initializers carry no data yet.
-    ``fused``: the decoder on ONNX Runtime's fused operators with the in-place cache (``owl3.export.fused``)."""
+    ``fused``: the decoder on ONNX Runtime's fused operators with the in-place cache (``owl3.export.fused``),
+    its self-attention ``attention`` (``owl3.export.fused.FusedKernels``)."""
     spec = graph_specs(config, precision, fused)[name]
     translations = {}
     if fused:
@@ -62,7 +65,7 @@ def trace_graph(name: str, config: Owl3Config, precision: str, fused: bool = Fal
     with islands, warnings.catch_warnings(), contextlib.redirect_stdout(quiet), _quiet_exporter_logs():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
-            graph_module(name, model, fused),
+            graph_module(name, model, fused, attention),
             args,
             dynamo=True,
             dynamic_shapes=dynamic,
@@ -240,15 +243,17 @@ def export_graph(
     rewrite=None,
     *,
     fused: bool = False,
+    attention: str = "grouped",
 ) -> dict:
     """Trace, name, (fuse,) (quantize,) bind, save and check one graph; returns its manifest entry.
 
     ``precision`` is the float dtype the graph computes in; ``fused``: ONNX Runtime's fused operators (the
-    ort flavour: RMSNorm fusions in every graph, the fused in-place decoder); ``rewrite``
+    ort flavour: RMSNorm fusions in every graph, the fused in-place decoder, its self-attention as
+    ``attention``); ``rewrite``
     (``owl3.export.quantized``) turns the packed Linears of a quantized checkpoint into integer weights before
     the float weights are bound."""
     spec = graph_specs(config, precision, fused)[name]
-    model = trace_graph(name, config, precision, fused)
+    model = trace_graph(name, config, precision, fused, attention)
     name_nodes_by_module(model)
     fold_constant_subgraphs(model)
     fusions = None
@@ -256,6 +261,8 @@ def export_graph(
         from owl3.export.fused import finish_fused_graph  # trace_graph registered the contrib schemas
 
         fusions = finish_fused_graph(model, config, precision)
+        if name == "decoder":
+            fusions["self_attention"] = attention
     quantized = rewrite(model) if rewrite is not None else None
     weight_bytes = bind_weights(model, reader)
     path = save_graph(model, spec, directory)

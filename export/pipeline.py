@@ -19,7 +19,15 @@ from owl3.artifacts import check_free_disk, source_record, staged_output, tool_v
 from owl3.config import Owl3Config
 from owl3.errors import GateFailure, ResourceError, UsageError
 from owl3.export.onnx_export import TORCH_DTYPES, CheckpointReader, export_graph
-from owl3.export.specs import ACCURACY_LEVEL, FLAVOURS, GRAPH_NAMES, PRECISIONS, SCHEMA, SCHEMA_VERSION
+from owl3.export.specs import (
+    ACCURACY_LEVEL,
+    ATTENTION_KERNELS,
+    FLAVOURS,
+    GRAPH_NAMES,
+    PRECISIONS,
+    SCHEMA,
+    SCHEMA_VERSION,
+)
 from owl3.model.safetensors_files import discover_checkpoint
 from owl3.model.weights import (
     available_ram_bytes,
@@ -51,6 +59,7 @@ def export_model(
     target: str = "ort",
     accuracy_level: int = ACCURACY_LEVEL,
     fused: bool | None = None,
+    attention: str = "grouped",
     force: bool = False,
     validate: bool = True,
     progress: Progress | None = None,
@@ -61,8 +70,9 @@ def export_model(
     ``owl3-export quantize`` (or GPTQ-format elsewhere) exports its own precision (int4 | int8 | w8a8) in the
     ``target`` flavour: ``ort`` (MatMulNBits, fp32 compute, ``accuracy_level``) or ``tensorrt`` (Q/DQ, fp16).
     Float exports take the flavour too. The ort flavour uses ONNX Runtime's fused operators with the in-place
-    KV cache (``owl3.export.fused``) unless ``fused=False`` (the standard decoder, kept for comparison); the
-    tensorrt flavour has standard operators only."""
+    KV cache (``owl3.export.fused``) unless ``fused=False`` (the standard decoder, kept for comparison), its
+    self-attention ``attention``: "grouped" (standard operators, fastest on CPU) or "gqa" (ONNX Runtime's
+    GroupQueryAttention); the tensorrt flavour has standard operators only."""
     say = progress or (lambda _message: None)
     if target not in FLAVOURS:
         raise UsageError(f"unknown export target {target!r}", where="--target", fix=f"use one of {FLAVOURS}")
@@ -73,6 +83,13 @@ def export_model(
             fix="export --target ort, or drop the fused option for tensorrt",
         )
     fused = target == "ort" if fused is None else fused
+    if attention not in ATTENTION_KERNELS or (attention != "grouped" and not fused):
+        raise UsageError(
+            f"self-attention kernel {attention!r} " + ("is unknown" if attention not in ATTENTION_KERNELS else
+                                                       "needs the fused ort flavour"),
+            where="--attention",
+            fix=f"use one of {ATTENTION_KERNELS} with --target ort (not --unfused)",
+        )  # fmt: skip
     model_dir, output = Path(model_dir), Path(output_dir)
     config = Owl3Config.from_hf_json(model_dir)
     files = discover_checkpoint(model_dir)
@@ -117,7 +134,9 @@ def export_model(
         for name in GRAPH_NAMES:
             started = time.perf_counter()
             say(f"exporting the {name} graph ({precision}, {target} flavour{', fused' if fused else ''})")
-            graphs[name] = export_graph(name, config, compute, reader, staging, rewrite, fused=fused)
+            graphs[name] = export_graph(
+                name, config, compute, reader, staging, rewrite, fused=fused, attention=attention
+            )
             say(f"exported {name}.onnx in {time.perf_counter() - started:.1f} s")
         readiness = _tensorrt_readiness(staging, target, say)
         for side in SIDE_FILES:

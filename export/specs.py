@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 from owl3.config import Owl3Config
 
+ATTENTION_KERNELS = ("grouped", "gqa")  # the fused decoder's self-attention (owl3.export.fused)
 OPSET = 18  # >= 18: the ONNX Runtime 4-bit quantizer produces invalid models from opset-17 graphs
 PRECISIONS = ("fp32", "fp16")  # float exports; quantized ones compute in one of these
 EXPORT_PRECISIONS = (*PRECISIONS, "int8", "int4", "w8a8")

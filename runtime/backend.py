@@ -311,10 +311,13 @@ class OrtBackend:
         return _device(self.active_providers)
 
     def buffer(self, shape: Sequence[int], dtype: np.dtype) -> ort.OrtValue:
-        """An uninitialised buffer owned by ONNX Runtime on this backend's device (the fused decoder's
-        in-place KV cache: rows past the filled length are never read). Not ``ortvalue_from_numpy``: that
-        OrtValue does not keep its array alive, and the freed memory gets reused under it. CUDA UNVERIFIED."""
-        return ort.OrtValue.ortvalue_from_shape_and_type(list(shape), dtype, self.device, 0)
+        """A zero-filled buffer owned by ONNX Runtime on this backend's device (the fused decoder's in-place
+        KV cache: its grouped attention multiplies the rows past the filled length by probability 0, so they
+        must be finite). Not ``ortvalue_from_numpy``: that OrtValue does not keep its array alive, and the
+        freed memory gets reused under it. CUDA UNVERIFIED."""
+        value = ort.OrtValue.ortvalue_from_shape_and_type(list(shape), dtype, self.device, 0)
+        value.update_inplace(np.zeros(shape, dtype))
+        return value
 
 
 def _device(active: Sequence[str]) -> str:

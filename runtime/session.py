@@ -46,6 +46,7 @@ from owl3.runtime.sampling import next_tokens, stream_text
 
 MAX_PROFILE_BATCH = 8  # samples per request the TensorRT execution provider's profiles cover
 VISION_CHUNK = 8  # images per vision run: bounds the activation memory of the vision graph
+PREFILL_CHUNK = 512  # prompt tokens per fused decoder run: bounds the attention scores of a long prompt
 
 
 @dataclass(frozen=True)
@@ -276,9 +277,8 @@ class Owl3Session:
         used = int((placement.starts + placement.counts).max()) if placement.max_images else 0
         embeds = self._encode(request.pixel_values[:used]) if request.pixel_values is not None and used else None
         visual = self._memory(embeds, placement, keep_on_device=False)
-        positions = np.tile(np.arange(ids.shape[1], dtype=np.int64), (ids.shape[0], 1))
         cache = self._new_cache(ids.shape[0], ids.shape[1])
-        out = self._decode(ids, positions, placement.seen, None, visual, cache, logit_positions=positions)
+        out = self._prefill(ids, placement.seen, visual, cache, every_logit=True)
         out = {name: np.asarray(value) for name, value in out.items()}
         if cache is not None:
             out.update(cache.arrays())
@@ -299,8 +299,7 @@ class Owl3Session:
         batch, length = ids.shape
         clock = time.perf_counter()
         cache = self._new_cache(batch, length + req.max_new_tokens)
-        positions = np.tile(np.arange(length, dtype=np.int64), (batch, 1))
-        out = self._decode(ids, positions, placement.seen, None, visual, cache)
+        out = self._prefill(ids, placement.seen, visual, cache)
         timings["prefill_s"] = time.perf_counter() - clock
         history, finished, rng = ids, np.zeros(batch, dtype=bool), req.sampling.generator()
         busy, step = 0.0, 0
@@ -339,6 +338,30 @@ class Owl3Session:
         memory = self._memory(embeds, placement, keep_on_device=True)
         timings["visual_memory_s"] = time.perf_counter() - clock
         return memory
+
+    def _prefill(
+        self,
+        ids: np.ndarray,
+        seen: np.ndarray,
+        visual: Mapping[str, Any],
+        cache: InPlaceCache | None,
+        every_logit: bool = False,
+    ) -> dict[str, Any]:
+        """The prompt's decoder runs: one, or with the in-place cache ``PREFILL_CHUNK`` tokens at a time (each
+        chunk attends to the rows the previous ones wrote, so the attention scores stay chunk x prompt instead
+        of prompt x prompt). ``every_logit``: logits at every position (``trace``), else at the last one."""
+        batch, length = ids.shape
+        positions = np.tile(np.arange(length, dtype=np.int64), (batch, 1))
+        chunk = PREFILL_CHUNK if cache is not None else length
+        logits, out = [], {}
+        for start in range(0, length, chunk):
+            end = min(start + chunk, length)
+            wanted = positions[:, : end - start] if every_logit else None  # relative to the run; None: its last
+            out = self._decode(ids[:, start:end], positions[:, start:end], seen[:, start:end], None, visual, cache,
+                               logit_positions=wanted)  # fmt: skip
+            if every_logit:
+                logits.append(np.asarray(out["logits"]))
+        return {**out, "logits": np.concatenate(logits, axis=1)} if every_logit else out
 
     def _decode(
         self,

@@ -15,19 +15,22 @@ from owl3.export.pipeline import export_model
 from owl3.model.attention import attention_kernels
 from owl3.placement import media_offset_from_ids
 from owl3.runtime.session import Owl3Session
+from owl3.validate.backends import OnnxBackend
 from tests.conftest import IMAGE_TOKEN, prompt_with_images, random_pixels
 
 
-def _fused_step(model, ids, positions, visible, memory, buffers, filled: int):
+def _fused_step(model, ids, positions, visible, memory, buffers, filled: int, attention: str):
     """One language-model run on the reference kernels (what ONNX Runtime's operators compute)."""
     cos, sin = (torch.from_numpy(a) for a in rotary_caches(model.config))
     total = filled + ids.shape[1]
     seqlens = torch.full((ids.shape[0],), total - 1, dtype=torch.int32)
-    with attention_kernels(FusedKernels(positions, seqlens, torch.tensor(total, dtype=torch.int32), cos, sin)):
+    kernels = FusedKernels(positions, seqlens, torch.tensor(total, dtype=torch.int32), cos, sin, attention)
+    with attention_kernels(kernels):
         return model.language_model(ids, positions, buffers, memory, visible)
 
 
-def test_fused_kernels_compute_what_the_model_computes(tiny_model) -> None:
+@pytest.mark.parametrize("attention", ["grouped", "gqa"])
+def test_fused_kernels_compute_what_the_model_computes(tiny_model, attention: str) -> None:
     """Prefill with two images, then a decode step, on capacity-sized buffers: the reference kernels give the
     model's logits, and the buffers hold the model's cache with the step's row written after the past."""
     ids = prompt_with_images(14, [2, 6])
@@ -42,7 +45,7 @@ def test_fused_kernels_compute_what_the_model_computes(tiny_model) -> None:
     positions = torch.arange(ids.shape[1])[None]
     with torch.inference_mode():
         expected, present = tiny_model.language_model(ids, positions, None, memory, visible)
-        logits, filled = _fused_step(tiny_model, ids, positions, visible, memory, buffers, 0)
+        logits, filled = _fused_step(tiny_model, ids, positions, visible, memory, buffers, 0, attention)
         assert (logits - expected).abs().max() <= 1e-5
         length = ids.shape[1]
         for (k, v), (bk, bv) in zip(present, filled, strict=True):
@@ -50,25 +53,34 @@ def test_fused_kernels_compute_what_the_model_computes(tiny_model) -> None:
         token, position = expected[:, -1:].argmax(-1), torch.tensor([[length]])
         step_visible = memory.image_counts[:, None]
         expected_step, present_step = tiny_model.language_model(token, position, present, memory, step_visible)
-        step, filled_step = _fused_step(tiny_model, token, position, step_visible, memory, filled, length)
+        step, filled_step = _fused_step(tiny_model, token, position, step_visible, memory, filled, length, attention)
     assert (step - expected_step).abs().max() <= 1e-5
     assert torch.allclose(filled_step[0][0][:, :, : length + 1], present_step[0][0], atol=1e-6)
 
 
-def test_the_fused_decoder_reads_the_cache_only_through_group_query_attention(demo_export_fp32: Path) -> None:
+def test_the_fused_decoder_writes_the_cache_in_place_and_reads_it_once_per_kv_head(demo_export_fp32: Path) -> None:
+    """The default self-attention ("grouped"): each past buffer is only written by one ScatterND (in place),
+    which is the graph's present output, and read by exactly one MatMul (scores for K, values for V)."""
     graph = onnx.load(str(demo_export_fp32 / "decoder.onnx"), load_external_data=False).graph
     session = Owl3Session(demo_export_fp32, "cpu", verify="size")
     manifest, hyper = session.manifest, session.config.hyper_layers
     layers = session.config.text.num_hidden_layers
-    ops = manifest["graphs"]["decoder"]["op_counts"]
-    assert manifest["fused"] and manifest["flavour"] == "ort"
-    assert ops["GroupQueryAttention"] == layers and ops["RotaryEmbedding"] == 2 * layers
+    decoder = manifest["graphs"]["decoder"]
+    ops = decoder["op_counts"]
+    assert manifest["fused"] and manifest["flavour"] == "ort" and decoder["fusions"]["self_attention"] == "grouped"
+    assert "GroupQueryAttention" not in ops and ops["RotaryEmbedding"] == 2 * layers
+    assert ops["ScatterND"] == 2 * layers and ops["Softmax"] == layers
     assert ops["MultiHeadAttention"] == len(hyper)  # the cross-attention of every hyper layer
     assert ops["SimplifiedLayerNormalization"] + ops["SkipSimplifiedLayerNormalization"] == 2 * layers + 1
-    assert "Softmax" not in ops and "Pow" not in ops  # no unfused attention or RMSNorm is left
+    assert "Pow" not in ops  # no unfused RMSNorm is left
+    outputs = {o.name for o in graph.output}
     for past in (i.name for i in graph.input if i.name.startswith("past_")):
-        consumers = [n.op_type for n in graph.node if past in n.input and n.op_type != "Shape"]  # Shape: metadata
-        assert consumers == ["GroupQueryAttention"], (past, consumers)
+        writers = [n for n in graph.node if past in n.input and n.op_type != "Shape"]  # Shape: metadata
+        assert [n.op_type for n in writers] == ["ScatterND"] and list(writers[0].input).index(past) == 0, past
+        present = writers[0].output[0]
+        assert present == past.replace("past_", "present_") and present in outputs
+        readers = [n.op_type for n in graph.node if present in n.input and n.op_type != "Shape"]
+        assert readers == ["MatMul"], (present, readers)
 
 
 def test_fused_and_standard_decoders_agree_and_generate_the_same_tokens(
@@ -90,6 +102,7 @@ def test_a_decode_step_writes_one_row_of_the_same_buffers(demo_export_fp32: Path
     session = Owl3Session(demo_export_fp32, "cpu")
     ids = np.arange(10, 16, dtype=np.int64)[None]
     cache = session._new_cache(1, 12)
+    assert all(not buffer.numpy().any() for _, buffer in cache.buffers.values())  # zero-filled: finite beyond
     sentinel = {name: np.full(buffer.shape(), 7.0, np.float32) for name, (_, buffer) in cache.buffers.items()}
     for name, (_, buffer) in cache.buffers.items():
         buffer.update_inplace(sentinel[name])
@@ -110,6 +123,56 @@ def test_a_decode_step_writes_one_row_of_the_same_buffers(demo_export_fp32: Path
         assert np.array_equal(after[:, :, 7:], sentinel[name][:, :, 7:])  # ...and nothing beyond it
     reference = session.trace(np.concatenate([ids, token], axis=1))
     assert np.abs(reference["present_key_0"] - cache.arrays()["present_key_0"]).max() <= 1e-5
+
+
+def test_group_query_attention_kernel_is_the_same_decoder(
+    demo_model_dir: Path, demo_export_fp32: Path, tmp_path: Path
+) -> None:
+    """``--attention gqa``: ONNX Runtime's GroupQueryAttention reads the cache, as the only consumer of each
+    past buffer; same logits and greedy tokens as the default grouped kernel."""
+    export = export_model(demo_model_dir, tmp_path / "gqa", "fp32", attention="gqa", validate=False)
+    graph = onnx.load(str(export / "decoder.onnx"), load_external_data=False).graph
+    gqa, grouped = Owl3Session(export, "cpu"), Owl3Session(demo_export_fp32, "cpu")
+    layers = gqa.config.text.num_hidden_layers
+    decoder = gqa.manifest["graphs"]["decoder"]
+    assert decoder["fusions"]["self_attention"] == "gqa" and decoder["op_counts"]["GroupQueryAttention"] == layers
+    for past in (i.name for i in graph.input if i.name.startswith("past_")):
+        consumers = [n.op_type for n in graph.node if past in n.input and n.op_type != "Shape"]
+        assert consumers == ["GroupQueryAttention"], (past, consumers)
+    ids = np.concatenate([prompt_with_images(20, [4], seed=3).numpy()] * 2)
+    pixels = random_pixels(2, gqa.config).numpy()
+    assert np.abs(gqa.trace(ids, pixels)["logits"] - grouped.trace(ids, pixels)["logits"]).max() <= 1e-4
+    assert np.array_equal(
+        gqa.generate_ids(ids, pixels, max_new_tokens=16), grouped.generate_ids(ids, pixels, max_new_tokens=16)
+    )
+    assert OnnxBackend(export).name == "onnx-fp32-gqa" and OnnxBackend(demo_export_fp32).name == "onnx-fp32"
+
+
+def test_a_prompt_prefilled_in_chunks_is_the_prompt_prefilled_at_once(
+    demo_export_fp32: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Chunks of 7 tokens (images inside chunks and across their edges) give the one-run logits at every
+    position, the same cache and the same greedy tokens."""
+    import owl3.runtime.session as session_module
+
+    session = Owl3Session(demo_export_fp32, "cpu")
+    ids = np.concatenate([prompt_with_images(30, [2, 11], seed=8).numpy()] * 2)
+    pixels = random_pixels(4, session.config).numpy()
+    whole, tokens = session.trace(ids, pixels), session.generate_ids(ids, pixels, max_new_tokens=12)
+    monkeypatch.setattr(session_module, "PREFILL_CHUNK", 7)
+    chunked = session.trace(ids, pixels)
+    assert chunked["logits"].shape == whole["logits"].shape
+    assert np.abs(chunked["logits"] - whole["logits"]).max() <= 1e-4
+    assert np.abs(chunked["present_value_1"] - whole["present_value_1"]).max() <= 1e-5
+    assert np.array_equal(session.generate_ids(ids, pixels, max_new_tokens=12), tokens)
+
+
+def test_attention_kernel_is_refused_outside_the_fused_flavour(demo_model_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match="needs the fused ort flavour"):
+        export_model(demo_model_dir, tmp_path / "never", "fp32", fused=False, attention="gqa", validate=False)
+    with pytest.raises(UsageError, match="is unknown"):
+        export_model(demo_model_dir, tmp_path / "never", "fp32", attention="flash", validate=False)
+    assert not (tmp_path / "never").exists()
 
 
 def test_fused_operators_are_refused_for_tensorrt(demo_model_dir: Path, tmp_path: Path) -> None:

@@ -138,6 +138,9 @@ class OnnxBackend:
         suffix = "-trt" if self.session.flavour == "tensorrt" else ""
         if self.session.flavour == "ort" and not self.session.fused:
             suffix = "-unfused"  # the ort flavour without ONNX Runtime's fused operators (for comparison)
+        fusions = self.manifest.get("graphs", {}).get("decoder", {}).get("fusions") or {}
+        if fusions.get("self_attention", "grouped") != "grouped":  # gqa: name the non-default kernel
+            suffix = f"-{fusions['self_attention']}"
         where = "" if requested == "cpu" else f"@{requested}"  # two arms on one export need two names
         self.name = f"{self.kind}-{quantized.get('variant', self.precision)}{suffix}{where}"
 
