@@ -237,6 +237,7 @@ def build_genai(variant: Variant, python: Path, hf_dir: Path, out: Path) -> Path
 def build_llama(variant: Variant, python: Path, hf_dir: Path, workdir: Path, threads: int) -> Path:
     """The GGUF file of the variant: F32 written from the HF folder, the others quantized from it."""
     f32 = workdir / "llama-F32.gguf"
+    workdir.mkdir(parents=True, exist_ok=True)
     if not f32.is_file():
         say("writing the F32 GGUF")
         run([str(python), __file__, "--child-gguf", str(hf_dir), str(f32)], "writing the F32 GGUF")
