@@ -363,7 +363,7 @@ class FusedDecoderGraph(DecoderGraph):
             position_ids, seqlens_k, total_sequence_length, self.cos_cache, self.sin_cache, self.attention
         )
         with attention_kernels(kernels):
-            return self.decode(input_ids, position_ids, visible_images, logit_positions, past, visual)
+            return super().forward(input_ids, position_ids, visible_images, logit_positions, past, visual)
 
 
 def finish_fused_graph(model: ir.Model, config: Owl3Config, precision: str) -> dict[str, int]:

@@ -66,17 +66,6 @@ class DecoderGraph(nn.Module):
         past: list[Tensor],
         visual: list[Tensor],
     ) -> tuple[Tensor, list[Tensor]]:
-        return self.decode(input_ids, position_ids, visible_images, logit_positions, past, visual)
-
-    def decode(
-        self,
-        input_ids: Tensor,
-        position_ids: Tensor,
-        visible_images: Tensor,
-        logit_positions: Tensor,
-        past: list[Tensor],
-        visual: list[Tensor],
-    ) -> tuple[Tensor, list[Tensor]]:
         """The language model on flat past / visual lists (K, V per layer), returning flat presents."""
         pairs = [(past[2 * i], past[2 * i + 1]) for i in range(len(past) // 2)]
         memory = VisualMemory(

@@ -83,13 +83,12 @@ def export_model(
             fix="export --target ort, or drop the fused option for tensorrt",
         )
     fused = target == "ort" if fused is None else fused
-    if attention not in ATTENTION_KERNELS or (attention != "grouped" and not fused):
-        raise UsageError(
-            f"self-attention kernel {attention!r} " + ("is unknown" if attention not in ATTENTION_KERNELS else
-                                                       "needs the fused ort flavour"),
-            where="--attention",
-            fix=f"use one of {ATTENTION_KERNELS} with --target ort (not --unfused)",
-        )  # fmt: skip
+    if attention not in ATTENTION_KERNELS:
+        raise UsageError(f"self-attention kernel {attention!r} is unknown", where="--attention",
+                         fix=f"use one of {ATTENTION_KERNELS}")  # fmt: skip
+    if attention != "grouped" and not fused:
+        raise UsageError(f"self-attention kernel {attention!r} needs the fused ort flavour", where="--attention",
+                         fix="export with --target ort, without --unfused")  # fmt: skip
     model_dir, output = Path(model_dir), Path(output_dir)
     config = Owl3Config.from_hf_json(model_dir)
     files = discover_checkpoint(model_dir)

@@ -268,7 +268,7 @@ class OrtGraph:
         """
         if self.device == "cpu":
             return dict(zip(self.output_names, self.session.run(None, dict(feeds)), strict=True))
-        return self._run_bound(feeds, keep)
+        return self.run_in_place(feeds, {}, keep)  # CUDA IO binding (UNVERIFIED until run on a GPU)
 
     def run_in_place(
         self, feeds: Mapping[str, Any], buffers: Mapping[str, tuple[str, Any]], keep: Collection[str] = ()
@@ -292,10 +292,6 @@ class OrtGraph:
         self.session.run_with_iobinding(binding)
         values = binding.get_outputs()[len(shared) :]  # in binding order: the buffers first, then the others
         return {name: value if name in keep else value.numpy() for name, value in zip(others, values, strict=True)}
-
-    def _run_bound(self, feeds: Mapping[str, Any], keep: Collection[str]) -> dict[str, Any]:
-        """CUDA IO binding (UNVERIFIED until run on a GPU): ``run_in_place`` without shared buffers."""
-        return self.run_in_place(feeds, {}, keep)
 
 
 @dataclass(frozen=True)

@@ -151,7 +151,6 @@ class Owl3Session:
         self._past_pairs = [
             p for i in layers for p in ((past_key(i), present_key(i)), (past_value(i), present_value(i)))
         ]
-        self._first_past = next(i for i, t in enumerate(self._specs["decoder"].inputs) if t.name == past_key(0))
 
     def _request_checker(self, limits: RequestLimits) -> RequestChecker:
         """Token ids from the manifest (checked against the tokenizer) and the request limits."""
@@ -407,7 +406,8 @@ class Owl3Session:
             return None
         text = self.config.text
         shape = (batch, text.num_key_value_heads, capacity, text.head_dim)
-        dtype = np.dtype(self._specs["decoder"].inputs[self._first_past].dtype)  # float32 (owl3.export.fused)
+        first = next(t for t in self._specs["decoder"].inputs if t.name == past_key(0))
+        dtype = np.dtype(first.dtype)  # float32 in every precision (owl3.export.fused)
         buffers = {past: (present, self.backend.buffer(shape, dtype)) for past, present in self._past_pairs}
         return InPlaceCache(buffers)
 
