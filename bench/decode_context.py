@@ -85,6 +85,7 @@ def decode_step_ms(session: Any, context: int, steps: int) -> float:
     cache = session._new_cache(1, context + steps + 3)
     previous = None
     if cache is not None:
+        cache.reserve(context + steps + 3)  # as a request of that length: its buffers once they have grown
         for _, buffer in cache.buffers.values():
             filled = np.zeros(buffer.shape(), np.float32)  # the fused cache is fp32 in every precision
             filled[:, :, :context] = rng.standard_normal(shape)

@@ -306,13 +306,12 @@ class OrtBackend:
     def device(self) -> str:
         return _device(self.active_providers)
 
-    def buffer(self, shape: Sequence[int], dtype: np.dtype) -> ort.OrtValue:
-        """A zero-filled buffer owned by ONNX Runtime on this backend's device (the fused decoder's in-place
-        KV cache: its grouped attention multiplies the rows past the filled length by probability 0, so they
-        must be finite). Not ``ortvalue_from_numpy``: that OrtValue does not keep its array alive, and the
+    def buffer(self, values: np.ndarray) -> ort.OrtValue:
+        """A buffer owned by ONNX Runtime on this backend's device, holding ``values`` (the fused decoder's
+        in-place KV cache). Not ``ortvalue_from_numpy``: that OrtValue does not keep its array alive, and the
         freed memory gets reused under it. CUDA UNVERIFIED."""
-        value = ort.OrtValue.ortvalue_from_shape_and_type(list(shape), dtype, self.device, 0)
-        value.update_inplace(np.zeros(shape, dtype))
+        value = ort.OrtValue.ortvalue_from_shape_and_type(list(values.shape), values.dtype, self.device, 0)
+        value.update_inplace(np.ascontiguousarray(values))
         return value
 
 

@@ -102,6 +102,7 @@ def test_a_decode_step_writes_one_row_of_the_same_buffers(demo_export_fp32: Path
     session = Owl3Session(demo_export_fp32, "cpu")
     ids = np.arange(10, 16, dtype=np.int64)[None]
     cache = session._new_cache(1, 12)
+    cache.reserve(12)
     assert all(not buffer.numpy().any() for _, buffer in cache.buffers.values())  # zero-filled: finite beyond
     sentinel = {name: np.full(buffer.shape(), 7.0, np.float32) for name, (_, buffer) in cache.buffers.items()}
     for name, (_, buffer) in cache.buffers.items():
@@ -165,6 +166,33 @@ def test_a_prompt_prefilled_in_chunks_is_the_prompt_prefilled_at_once(
     assert np.abs(chunked["logits"] - whole["logits"]).max() <= 1e-4
     assert np.abs(chunked["present_value_1"] - whole["present_value_1"]).max() <= 1e-5
     assert np.array_equal(session.generate_ids(ids, pixels, max_new_tokens=12), tokens)
+
+
+def test_the_in_place_cache_grows_with_the_context_and_gives_the_same_tokens(
+    demo_export_fp32: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With 2 rows of headroom the buffers start at the prompt + 2 rows and double (at most the request's
+    limit) while generating, the filled rows carried over: the same greedy tokens as buffers made once."""
+    import owl3.runtime.session as session_module
+
+    session = Owl3Session(demo_export_fp32, "cpu")
+    ids = np.concatenate([prompt_with_images(30, [2, 11], seed=8).numpy()] * 2)
+    pixels = random_pixels(4, session.config).numpy()
+    once = session.generate_ids(ids, pixels, max_new_tokens=40)  # the limit is within the default headroom
+    capacities = []
+    reserve = session_module.InPlaceCache.reserve
+
+    def watched(cache, rows: int) -> None:
+        reserve(cache, rows)
+        assert cache.capacity >= rows and cache.capacity <= cache.limit
+        capacities.append(cache.capacity)
+
+    monkeypatch.setattr(session_module.InPlaceCache, "reserve", watched)
+    monkeypatch.setattr(session_module, "CACHE_HEADROOM", 2)
+    grown = session.generate_ids(ids, pixels, max_new_tokens=40)
+    length = ids.shape[1]
+    assert sorted(set(capacities)) == [length + 2, 2 * (length + 2), length + 40]
+    assert np.array_equal(grown, once)
 
 
 def test_attention_kernel_is_refused_outside_the_fused_flavour(demo_model_dir: Path, tmp_path: Path) -> None:
