@@ -87,6 +87,7 @@ class InPlaceCache:
     buffers: dict[str, tuple[str, Any]] = field(default_factory=dict)
     capacity: int = 0
     length: int = 0
+    binding: Any = None  # the decoder's IO binding of these buffers (OrtGraph.bind), made again when they grow
 
     def reserve(self, rows: int) -> None:
         """Room for ``rows`` rows: new zero-filled buffers (finite beyond the filled rows, which meet probability
@@ -100,7 +101,7 @@ class InPlaceCache:
             if self.length:
                 values[:, :, : self.length] = self.buffers[past][1].numpy()[:, :, : self.length]
             self.buffers[past] = (present, self.allocate(values))
-        self.capacity = capacity
+        self.capacity, self.binding = capacity, None
 
     def arrays(self) -> dict[str, np.ndarray]:
         """The filled rows by present output name, as numpy copies."""
@@ -418,7 +419,9 @@ class Owl3Session:
             cache.reserve(total)
             feeds["seqlens_k"] = np.full(ids.shape[0], total - 1, dtype=np.int32)
             feeds["total_sequence_length"] = np.array(total, dtype=np.int32)
-            out = decoder.run_in_place(feeds, cache.buffers)
+            if cache.binding is None:
+                cache.binding = decoder.bind(cache.buffers)
+            out = cache.binding.run(feeds, shapes={"logits": (*logit_positions.shape, self.config.text.vocab_size)})
             cache.length = total
             return out
         if previous is None:

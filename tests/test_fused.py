@@ -126,6 +126,25 @@ def test_a_decode_step_writes_one_row_of_the_same_buffers(demo_export_fp32: Path
     assert np.abs(reference["present_key_0"] - cache.arrays()["present_key_0"]).max() <= 1e-5
 
 
+def test_a_kept_binding_runs_again_and_writes_logits_straight_into_an_array(demo_export_fp32: Path) -> None:
+    """The decoder's IO binding is kept across runs; logits written into a numpy array of the given shape are
+    the logits read back from the binding."""
+    session = Owl3Session(demo_export_fp32, "cpu")
+    text = session.config.text
+    cache = session._new_cache(1, 8)
+    cache.reserve(8)
+    binding = session.backend.graphs["decoder"].bind(cache.buffers)
+    empty = np.zeros((1, text.num_key_value_heads, 0, text.head_dim), np.float32)
+    feeds = {"input_ids": np.arange(10, 16)[None], "position_ids": np.arange(6)[None],
+             "visible_images": np.zeros((1, 6), np.int64), "logit_positions": np.array([[2, 5]]),
+             "seqlens_k": np.array([5], np.int32), "total_sequence_length": np.array(6, np.int32),
+             **{name: empty for name in session._visual_names}}  # fmt: skip
+    read = binding.run(feeds)["logits"]
+    direct = binding.run(feeds, shapes={"logits": (1, 2, text.vocab_size)})  # the same rows written again
+    assert list(direct) == ["logits"] and read.shape == (1, 2, text.vocab_size)
+    assert np.array_equal(direct["logits"], read)
+
+
 def test_group_query_attention_kernel_is_the_same_decoder(
     demo_model_dir: Path, demo_export_fp32: Path, tmp_path: Path
 ) -> None:
