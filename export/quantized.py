@@ -468,16 +468,20 @@ def count_quantized_nodes(path: Path) -> dict[str, Any]:
     return {**counts, "float_matmul_weights": sorted(float_weights)}
 
 
-def check_quantized_graph(entry: dict[str, Any], flavour: Flavour, where: str) -> None:
-    """L0: every packed Linear of the graph became integer weights, and no float MatMul reads one of them."""
+def check_quantized_graph(entry: dict[str, Any], flavour: Flavour, where: str, merged: int = 0) -> None:
+    """L0: every packed Linear of the graph became integer weights, and no float MatMul reads one of them;
+    ``merged``: Linears that share a node with a sibling (``owl3.export.packing``: n packed in one node count
+    n - 1)."""
     from owl3.export.onnx_export import ExportError
 
     modules, l0 = entry["modules"], entry["l0"]
     expected_node = "MatMulNBits" if flavour.name == "ort" else "DequantizeLinear(weight)"
     left = [w for w in l0["float_matmul_weights"] if w.removesuffix(".weight") in modules]
     problems = [f"float MatMuls still read {left}"] if left else []
-    if l0.get(expected_node, 0) != len(modules):
-        problems.append(f"{l0.get(expected_node, 0)} {expected_node} nodes for {len(modules)} quantized Linears")
+    if l0.get(expected_node, 0) != len(modules) - merged:
+        packed = f" ({merged} merged into sibling nodes)" if merged else ""
+        found = l0.get(expected_node, 0)
+        problems.append(f"{found} {expected_node} nodes for {len(modules)} quantized Linears{packed}")
     if entry["activations"] and l0.get("QuantizeLinear(input)", 0) != len(modules):
         problems.append(f"{l0.get('QuantizeLinear(input)', 0)} activation QuantizeLinear for {len(modules)} Linears")
     if problems:

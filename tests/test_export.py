@@ -18,6 +18,7 @@ from owl3.config import Owl3Config
 from owl3.errors import GateFailure, ResourceError, TokenizerError, UsageError
 from owl3.export import onnx_export
 from owl3.export.fused import COS_CACHE, SIN_CACHE, register_contrib_schemas
+from owl3.export.packing import member_modules
 from owl3.export.pipeline import export_model
 from owl3.export.specs import GRAPH_NAMES, SCHEMA, graph_specs
 from owl3.model.safetensors_files import discover_checkpoint
@@ -63,7 +64,11 @@ def test_node_and_initializer_names_trace_back_to_the_model(
     assert any(n.name.startswith("language_model.model.layers.0.self_attn/") for n in graph.node)
     assert any(n.name.startswith("language_model.model.layers.0.input_layernorm/Pow") for n in graph.node)
     fused = onnx.load(str(demo_export_fp32 / "decoder.onnx"), load_external_data=False).graph
-    assert {i.name for i in fused.initializer} <= keys | {COS_CACHE, SIN_CACHE}  # + the shared rotary caches
+    names = {i.name for i in fused.initializer}
+    packed = {tuple(name.rsplit(".", 1)) for name in names if "{" in name}  # q/k/v, gate/up (owl3.export.packing)
+    assert names - {".".join(p) for p in packed} <= keys | {COS_CACHE, SIN_CACHE}  # + the shared rotary caches
+    assert packed and all(tensor == "split" or {f"{m}.{tensor}" for m in member_modules(module)} <= keys
+                          for module, tensor in packed)  # fmt: skip
     assert any(n.name.startswith("language_model.model.layers.0.self_attn/ScatterND") for n in fused.node)
     vision = onnx.load(str(demo_export_fp32 / "vision.onnx"), load_external_data=False).graph
     assert all(i.name.startswith(("vision_model.", "vision2text_model.")) for i in vision.initializer)

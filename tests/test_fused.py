@@ -73,6 +73,8 @@ def test_the_fused_decoder_writes_the_cache_in_place_and_reads_it_once_per_kv_he
     assert ops["MultiHeadAttention"] == len(hyper)  # the cross-attention of every hyper layer
     assert ops["SimplifiedLayerNormalization"] + ops["SkipSimplifiedLayerNormalization"] == 2 * layers + 1
     assert "Pow" not in ops  # no unfused RMSNorm is left
+    assert decoder["fusions"]["packed_projections"] == {"groups": 2 * layers, "linears": 5 * layers}  # qkv, gate/up
+    assert ops["Split"] == 2 * layers
     outputs = {o.name for o in graph.output}
     for past in (i.name for i in graph.input if i.name.startswith("past_")):
         writers = [n for n in graph.node if past in n.input and n.op_type != "Shape"]  # Shape: metadata
