@@ -1,4 +1,5 @@
-"""Sibling projections packed into one: the ONNX Runtime flavour's q/k/v and gate/up as GenAI's builder makes them.
+"""Sibling projections packed into one product: the ONNX Runtime flavour's q/k/v (as GenAI's builder packs them)
+and gate/up.
 
 A decoder layer multiplies one normed hidden state by q_proj, k_proj and v_proj, and another by gate_proj and
 up_proj. Each product is a ``MatMulNBits`` (integer weights) or a ``MatMul`` with ``Transpose(W)`` (float), each
