@@ -82,10 +82,9 @@ def decode_step_ms(session: Any, context: int, steps: int) -> float:
     shape = (1, text.num_key_value_heads, context, text.head_dim)
     visual = {name: np.zeros((1, text.num_key_value_heads, 0, text.head_dim), session._float)
               for name in session._visual_names}  # fmt: skip
-    cache = session._new_cache(1, context + steps + 3)
+    cache = session._new_cache(1, context + steps + 3, context + steps + 3)  # as grown by such a request
     previous = None
     if cache is not None:
-        cache.reserve(context + steps + 3)  # as a request of that length: its buffers once they have grown
         for _, buffer in cache.buffers.values():
             filled = np.zeros(buffer.shape(), np.float32)  # the fused cache is fp32 in every precision
             filled[:, :, :context] = rng.standard_normal(shape)

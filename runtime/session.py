@@ -47,7 +47,7 @@ from owl3.runtime.sampling import next_tokens, stream_text
 MAX_PROFILE_BATCH = 8  # samples per request the TensorRT execution provider's profiles cover
 VISION_CHUNK = 8  # images per vision run: bounds the activation memory of the vision graph
 PREFILL_CHUNK = 512  # prompt tokens per fused decoder run: bounds the attention scores of a long prompt
-CACHE_HEADROOM = 256  # rows the fused cache holds beyond its first run's (then it doubles, to the request's limit)
+CACHE_HEADROOM = 256  # rows the fused cache holds beyond the prompt (then it doubles, to the request's limit)
 
 
 @dataclass(frozen=True)
@@ -75,7 +75,7 @@ class InPlaceCache:
     The buffers grow (``reserve``) instead of being allocated for the limit at once, because the grouped
     self-attention reads every row of its buffer (the unfilled ones at probability 0): a short answer under a
     large ``max_new_tokens`` would pay at every step for rows it never fills (README: a 32-token int4 chat stepped
-    at 36 ms under ``max_new_tokens`` 64 and at 52 ms under 4,096). The first run gets its rows plus
+    at 36 ms under ``max_new_tokens`` 64 and at 52 ms under 4,096). The prompt gets its rows plus
     ``CACHE_HEADROOM``, then the capacity doubles, so a step reads at most about twice the rows it needs and the
     filled rows are copied a few times per request (log2 of its length), not at every step."""
 
@@ -305,7 +305,7 @@ class Owl3Session:
         used = int((placement.starts + placement.counts).max()) if placement.max_images else 0
         embeds = self._encode(request.pixel_values[:used]) if request.pixel_values is not None and used else None
         visual = self._memory(embeds, placement, keep_on_device=False)
-        cache = self._new_cache(ids.shape[0], ids.shape[1])
+        cache = self._new_cache(ids.shape[0], ids.shape[1], ids.shape[1])
         out = self._prefill(ids, placement.seen, visual, cache, every_logit=True)
         out = {name: np.asarray(value) for name, value in out.items()}
         if cache is not None:
@@ -326,7 +326,7 @@ class Owl3Session:
         placement, ids = req.placement, req.input_ids
         batch, length = ids.shape
         clock = time.perf_counter()
-        cache = self._new_cache(batch, length + req.max_new_tokens)
+        cache = self._new_cache(batch, length + req.max_new_tokens, length)
         out = self._prefill(ids, placement.seen, visual, cache)
         timings["prefill_s"] = time.perf_counter() - clock
         history, finished, rng = ids, np.zeros(batch, dtype=bool), req.sampling.generator()
@@ -432,16 +432,19 @@ class Owl3Session:
             past = {name: previous[present] for name, present in self._past_pairs}
         return decoder.run({**feeds, **past}, keep=self._present_names)
 
-    def _new_cache(self, batch: int, limit: int) -> InPlaceCache | None:
+    def _new_cache(self, batch: int, limit: int, rows: int = 0) -> InPlaceCache | None:
         """The request's KV buffers for the fused decoder, for up to ``limit`` rows (None for the concatenating
-        decoder); allocated by the first run (``InPlaceCache.reserve``)."""
+        decoder), with room for ``rows`` at once (the whole prompt: a prompt prefilled in chunks would otherwise
+        grow them chunk by chunk); else allocated by the first run (``InPlaceCache.reserve``)."""
         if not self.fused:
             return None
         text = self.config.text
         first = next(t for t in self._specs["decoder"].inputs if t.name == past_key(0))
         dtype = np.dtype(first.dtype)  # float32 in every precision (owl3.export.fused)
         shape = (batch, text.num_key_value_heads, text.head_dim)
-        return InPlaceCache(self.backend.buffer, tuple(self._past_pairs), shape, dtype, limit)
+        cache = InPlaceCache(self.backend.buffer, tuple(self._past_pairs), shape, dtype, limit)
+        cache.reserve(rows)
+        return cache
 
     # ---- chat ----------------------------------------------------------------------------------------
     def generate(

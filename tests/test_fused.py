@@ -103,8 +103,7 @@ def test_fused_and_standard_decoders_agree_and_generate_the_same_tokens(
 def test_a_decode_step_writes_one_row_of_the_same_buffers(demo_export_fp32: Path) -> None:
     session = Owl3Session(demo_export_fp32, "cpu")
     ids = np.arange(10, 16, dtype=np.int64)[None]
-    cache = session._new_cache(1, 12)
-    cache.reserve(12)
+    cache = session._new_cache(1, 12, 12)
     assert all(not buffer.numpy().any() for _, buffer in cache.buffers.values())  # zero-filled: finite beyond
     sentinel = {name: np.full(buffer.shape(), 7.0, np.float32) for name, (_, buffer) in cache.buffers.items()}
     for name, (_, buffer) in cache.buffers.items():
@@ -133,8 +132,7 @@ def test_a_kept_binding_runs_again_and_writes_logits_straight_into_an_array(demo
     the logits read back from the binding."""
     session = Owl3Session(demo_export_fp32, "cpu")
     text = session.config.text
-    cache = session._new_cache(1, 8)
-    cache.reserve(8)
+    cache = session._new_cache(1, 8, 8)
     binding = session.backend.graphs["decoder"].bind(cache.buffers)
     empty = np.zeros((1, text.num_key_value_heads, 0, text.head_dim), np.float32)
     feeds = {"input_ids": np.arange(10, 16)[None], "position_ids": np.arange(6)[None],
@@ -192,8 +190,9 @@ def test_a_prompt_prefilled_in_chunks_is_the_prompt_prefilled_at_once(
 def test_the_in_place_cache_grows_with_the_context_and_gives_the_same_tokens(
     demo_export_fp32: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """With 2 rows of headroom the buffers start at the prompt + 2 rows and double (at most the request's
-    limit) while generating, the filled rows carried over: the same greedy tokens as buffers made once."""
+    """With 2 rows of headroom the buffers start at the prompt + 2 rows (made for the whole prompt at once, though
+    it is prefilled 7 tokens at a time) and double (at most the request's limit) while generating, the filled rows
+    carried over: the same greedy tokens as buffers made once."""
     import owl3.runtime.session as session_module
 
     session = Owl3Session(demo_export_fp32, "cpu")
@@ -210,6 +209,7 @@ def test_the_in_place_cache_grows_with_the_context_and_gives_the_same_tokens(
 
     monkeypatch.setattr(session_module.InPlaceCache, "reserve", watched)
     monkeypatch.setattr(session_module, "CACHE_HEADROOM", 2)
+    monkeypatch.setattr(session_module, "PREFILL_CHUNK", 7)
     grown = session.generate_ids(ids, pixels, max_new_tokens=40)
     length = ids.shape[1]
     assert sorted(set(capacities)) == [length + 2, 2 * (length + 2), length + 40]
