@@ -15,8 +15,8 @@ exporter translates to one ``com.microsoft`` operator (the self-attention by def
   [B] int32 = total - 1, ``total_sequence_length`` [] int32. Two kernels (``FusedKernels``): "grouped"
   (the default, ``cache_attention``: ScatterND writes the rows in place, one MatMul per KV head for the scores
   and one for the values, so each cache row is read once per step) and "gqa" (ONNX Runtime's
-  ``GroupQueryAttention``, whose CPU kernel reads each KV head once per query head: 21.9 ms of attention per
-  int4 step at 4,096 tokens here against about 15 ms grouped, README; on CUDA it is flash attention). The
+  ``GroupQueryAttention``, whose CPU kernel reads each KV head once per query head: 23.2 ms for 24 layers at
+  4,096 tokens here against 13.8 ms grouped, bench/attention_kernels.py; on CUDA it is flash attention). The
   cache and the attention are fp32 in every precision: fp16 exports keep attention in fp32 (their fp32
   islands; ONNX Runtime documents no fp32 softmax for its fp16 CPU kernel), at twice the cache memory of an
   fp16 cache; casting the cache at every step instead would undo the in-place cache;

@@ -265,10 +265,12 @@ def export_graph(
             fusions["self_attention"] = attention
     quantized = rewrite(model) if rewrite is not None else None
     weight_bytes = bind_weights(model, reader)
+    merged = 0  # Linears that share a packed node with a sibling
     if fused and name == "decoder":
         from owl3.export.packing import pack_projections
 
-        fusions["packed_projections"] = pack_projections(model)
+        packed = fusions["packed_projections"] = pack_projections(model)
+        merged = packed["linears"] - packed["groups"]
     path = save_graph(model, spec, directory)
     check_graph(path, contrib=fused or any(domain not in ("", "ai.onnx") for domain in model.opset_imports))
     ops = Counter(node.op_type for node in model.graph)
@@ -280,6 +282,5 @@ def export_graph(
         from owl3.export.quantized import check_quantized_graph, count_quantized_nodes
 
         entry["quantized"] = {**quantized, "l0": count_quantized_nodes(path)}
-        packed = (fusions or {}).get("packed_projections", {"groups": 0, "linears": 0})
-        check_quantized_graph(entry["quantized"], rewrite.flavour, str(path), packed["linears"] - packed["groups"])
+        check_quantized_graph(entry["quantized"], rewrite.flavour, str(path), merged)
     return entry
