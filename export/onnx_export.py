@@ -271,6 +271,10 @@ def export_graph(
 
         packed = fusions["packed_projections"] = pack_projections(model)
         merged = packed["linears"] - packed["groups"]
+        if attention == "gqa":
+            from owl3.export.packing import rotary_into_attention
+
+            fusions["rotary_in_attention"] = rotary_into_attention(model)
     path = save_graph(model, spec, directory)
     check_graph(path, contrib=fused or any(domain not in ("", "ai.onnx") for domain in model.opset_imports))
     ops = Counter(node.op_type for node in model.graph)

@@ -8,6 +8,10 @@ their fixed cost is a large part of their time. ``pack_projections`` concatenate
 read the same input (and their biases, when every member adds one) along the output columns and splits the
 packed product: the same numbers (each output column is computed from its own weight column, as before), one
 node instead of three or two. Weights stay lazy: a packed tensor reads its parts when the graph is saved.
+
+``rotary_into_attention`` then gives ``--attention gqa`` ONNX Runtime GenAI's exact layer: a
+``GroupQueryAttention`` that takes the packed q/k/v and rotates q and k itself (``do_rotary``) replaces the
+``Split`` and the two ``RotaryEmbedding`` nodes in front of it (three nodes fewer per layer).
 """
 
 from __future__ import annotations
@@ -185,3 +189,77 @@ def member_modules(module: str) -> list[str]:
         return [module]
     head, inner = match.groups()
     return [f"{head}.{member}" if head else member for member in inner.split(",")]
+
+
+def rotary_into_attention(model: ir.Model, positions: str = "position_ids") -> int:
+    """Fold the rotary embeddings and the q/k/v ``Split`` of each layer into its ``GroupQueryAttention``
+    (``do_rotary``, packed q/k/v as the query, the same cos/sin caches); returns the layers rewritten.
+
+    GroupQueryAttention rotates at positions it derives from ``seqlens_k``: the new rows ``seqlens_k + 1 - S
+    + i``, which is where the fused decoder writes them, so it equals the ``RotaryEmbedding`` nodes only when
+    ``positions`` (the graph input they read) holds those rows, as the runtime's requests always do (a token's
+    position is its cache row). Layers whose rotated q is read elsewhere (hyper layers: the cross-attention
+    uses it) or whose q/k/v do not come straight from one packed product (a fp16 graph casts them to its fp32
+    islands first) keep their nodes."""
+    graph = model.graph
+    rewritten = 0
+    for node in list(graph):
+        parts = _packed_rotary_inputs(node, positions)
+        if parts is None:
+            continue
+        split, rotate_q, rotate_k = parts
+        attributes = {key: value.value for key, value in node.attributes.items()}
+        attributes.update(do_rotary=1, rotary_interleaved=0)
+        cos, sin = rotate_q.inputs[2], rotate_q.inputs[3]
+        fused = ir.node("GroupQueryAttention", [split.inputs[0], None, None, *node.inputs[3:7], cos, sin],
+                        attributes, domain=MS_DOMAIN, num_outputs=3, name=node.name)  # fmt: skip
+        graph.insert_before(node, fused)
+        for old, new in zip(node.outputs, fused.outputs, strict=True):
+            name = old.name
+            _same_type(new, old)
+            new.shape = old.shape
+            ir.convenience.replace_all_uses_with(old, new, replace_graph_outputs=True)
+            old.name, new.name = f"{name}.unrotated", name
+        graph.remove([node, rotate_q, rotate_k, split], safe=True)
+        rewritten += 1
+    return rewritten
+
+
+def _packed_rotary_inputs(node: ir.Node, positions: str) -> tuple[ir.Node, ir.Node, ir.Node] | None:
+    """(Split, RotaryEmbedding of q, of k) when ``node`` is a GroupQueryAttention without rotary whose q and k
+    are rotated outputs 0 and 1 of one three-way ``Split`` along the last axis and v is its output 2, each
+    read only there, both rotations plain (not interleaved, full head) at the graph input ``positions`` with
+    the same caches; else None."""
+    if node.op_type != "GroupQueryAttention" or node.domain != MS_DOMAIN or len(node.inputs) != 7:
+        return None
+    if any(key in node.attributes for key in ("do_rotary", "rotary_interleaved")):
+        return None
+    q, k, v = node.inputs[:3]
+    rotations = [value.producer() if value is not None else None for value in (q, k)]
+    if v is None or not all(r is not None and _plain_rotary(r, positions) for r in rotations):
+        return None
+    rotate_q, rotate_k = rotations
+    if rotate_q.inputs[2:] != rotate_k.inputs[2:] or any(len(value.uses()) != 1 for value in (q, k)):
+        return None
+    split = rotate_q.inputs[0].producer()
+    if split is None or split.op_type != "Split" or split.domain not in ("", "ai.onnx"):
+        return None
+    axis = split.attributes.get("axis")
+    if axis is None or axis.as_int() not in (-1, 2) or len(split.outputs) != 3:
+        return None
+    if list(split.outputs) != [rotate_q.inputs[0], rotate_k.inputs[0], v]:
+        return None
+    if any(len(value.uses()) != 1 or value.is_graph_output() for value in split.outputs):
+        return None
+    return split, rotate_q, rotate_k
+
+
+def _plain_rotary(node: ir.Node, positions: str) -> bool:
+    if node.op_type != "RotaryEmbedding" or node.domain != MS_DOMAIN or len(node.inputs) != 4:
+        return False
+    if node.attributes.get("interleaved") is not None and node.attributes["interleaved"].as_int() != 0:
+        return False
+    if any(key in node.attributes for key in ("rotary_embedding_dim", "scale", "is_packed_batching")):
+        return False
+    position_ids = node.inputs[1]
+    return position_ids is not None and position_ids.is_graph_input() and position_ids.name == positions

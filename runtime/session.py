@@ -163,6 +163,11 @@ class Owl3Session:
                 fix="export again with this version of owl3-export",
             )
         self.fused: bool = bool(self.manifest.get("fused"))  # ONNX Runtime's fused decoder, in-place cache
+        fusions = self.manifest["graphs"].get("decoder", {}).get("fusions") or {}
+        # GroupQueryAttention refuses a batch of several samples continuing a filled cache with more than one
+        # token ("batch_size must be 1 when sequence_length > 1 and past context is given"): such a prompt
+        # is prefilled in one run.
+        self._chunks_batches = fusions.get("self_attention") != "gqa"
         self._specs = graph_specs(self.config, self.compute, self.fused)
         self._float = np.dtype(float_dtype(self.compute))
         graphs = self.manifest.get("graphs", {})
@@ -377,10 +382,11 @@ class Owl3Session:
     ) -> dict[str, Any]:
         """The prompt's decoder runs: one, or with the in-place cache ``PREFILL_CHUNK`` tokens at a time (each
         chunk attends to the rows the previous ones wrote, so the attention scores stay chunk x prompt instead
-        of prompt x prompt). ``every_logit``: logits at every position (``trace``), else at the last one."""
+        of prompt x prompt; with GroupQueryAttention only for one sample). ``every_logit``: logits at every
+        position (``trace``), else at the last one."""
         batch, length = ids.shape
         positions = np.tile(np.arange(length, dtype=np.int64), (batch, 1))
-        chunk = PREFILL_CHUNK if cache is not None else length
+        chunk = PREFILL_CHUNK if cache is not None and (batch == 1 or self._chunks_batches) else length
         logits, out = [], {}
         for start in range(0, length, chunk):
             end = min(start + chunk, length)

@@ -146,25 +146,42 @@ def test_a_kept_binding_runs_again_and_writes_logits_straight_into_an_array(demo
 
 
 def test_group_query_attention_kernel_is_the_same_decoder(
-    demo_model_dir: Path, demo_export_fp32: Path, tmp_path: Path
+    demo_model_dir: Path, demo_export_fp32: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """``--attention gqa``: ONNX Runtime's GroupQueryAttention reads the cache, as the only consumer of each
-    past buffer; same logits and greedy tokens as the default grouped kernel."""
+    past buffer, and in every layer but the hyper layers (whose cross-attention reads the rotated q) takes the
+    packed q/k/v and rotates them itself, as GenAI's layer does; same logits and greedy tokens as the default
+    grouped kernel, prefilled at once or 7 tokens at a time (rotary positions then come from ``seqlens_k``)."""
+    import owl3.runtime.session as session_module
+
     export = export_model(demo_model_dir, tmp_path / "gqa", "fp32", attention="gqa", validate=False)
     graph = onnx.load(str(export / "decoder.onnx"), load_external_data=False).graph
     gqa, grouped = Owl3Session(export, "cpu"), Owl3Session(demo_export_fp32, "cpu")
-    layers = gqa.config.text.num_hidden_layers
+    layers, hyper = gqa.config.text.num_hidden_layers, len(gqa.config.hyper_layers)
     decoder = gqa.manifest["graphs"]["decoder"]
     assert decoder["fusions"]["self_attention"] == "gqa" and decoder["op_counts"]["GroupQueryAttention"] == layers
+    assert decoder["fusions"]["rotary_in_attention"] == layers - hyper
+    assert decoder["op_counts"]["RotaryEmbedding"] == 2 * hyper
+    rotating = [n for n in graph.node if n.op_type == "GroupQueryAttention" and n.input[1] == ""]
+    assert len(rotating) == layers - hyper
+    for node in rotating:
+        assert {a.name: a.i for a in node.attribute if a.name == "do_rotary"} == {"do_rotary": 1}
+        assert list(node.input[7:]) == ["rotary.cos_cache", "rotary.sin_cache"]
+        assert "{q_proj,k_proj,v_proj}" in next(n.name for n in graph.node if node.input[0] in n.output)
     for past in (i.name for i in graph.input if i.name.startswith("past_")):
         consumers = [n.op_type for n in graph.node if past in n.input and n.op_type != "Shape"]
         assert consumers == ["GroupQueryAttention"], (past, consumers)
     ids = np.concatenate([prompt_with_images(20, [4], seed=3).numpy()] * 2)
     pixels = random_pixels(2, gqa.config).numpy()
-    assert np.abs(gqa.trace(ids, pixels)["logits"] - grouped.trace(ids, pixels)["logits"]).max() <= 1e-4
-    assert np.array_equal(
-        gqa.generate_ids(ids, pixels, max_new_tokens=16), grouped.generate_ids(ids, pixels, max_new_tokens=16)
-    )
+    expected = grouped.trace(ids, pixels)["logits"]
+    assert np.abs(gqa.trace(ids, pixels)["logits"] - expected).max() <= 1e-4
+    tokens = grouped.generate_ids(ids, pixels, max_new_tokens=16)
+    assert np.array_equal(gqa.generate_ids(ids, pixels, max_new_tokens=16), tokens)
+    monkeypatch.setattr(session_module, "PREFILL_CHUNK", 7)  # one sample: in chunks; two: in one run
+    assert np.abs(gqa.trace(ids[:1], pixels[:1])["logits"] - expected[:1]).max() <= 1e-4
+    assert np.array_equal(gqa.generate_ids(ids[:1], pixels[:1], max_new_tokens=16), tokens[:1])
+    assert np.abs(gqa.trace(ids, pixels)["logits"] - expected).max() <= 1e-4
+    assert np.array_equal(gqa.generate_ids(ids, pixels, max_new_tokens=16), tokens)
     assert OnnxBackend(export).name == "onnx-fp32-gqa" and OnnxBackend(demo_export_fp32).name == "onnx-fp32"
 
 
