@@ -3,6 +3,7 @@
     python bench/peers.py --threads 2                      # random 1B-class model: fp32, int8, int4
     python bench/peers.py --preset demo --repeats 1 --new-tokens 8 --workdir /tmp/peers-smoke   # smoke run
     python bench/peers.py --llama-python /opt/llama/bin/python     # llama.cpp too (llama-cpp-python + gguf there)
+    python bench/peers.py --attention grouped gqa                  # ours with each self-attention kernel
 
 Weights, all under --workdir (artifacts with their manifest or marker file are reused; delete them to rebuild): a
 random bf16 owl3 checkpoint of --preset and, from the same tensors, a Hugging Face Qwen2ForCausalLM folder
@@ -36,7 +37,7 @@ import sysconfig
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +68,7 @@ class Variant:
     engine: str  # ours | genai | llama
     format: str  # fp32 | int8 | int4 | F32 | Q8_0 | Q4_0
     lm_head: str  # what lm_head is stored as: float, int8, int4, Q8_0, Q4_0 (llama.cpp: its default, read back)
+    attention: str = "grouped"  # ours: the self-attention kernel of the export (export --attention)
 
     @property
     def bits(self) -> int:
@@ -74,7 +76,8 @@ class Variant:
 
     @property
     def name(self) -> str:
-        return f"{self.engine}-{self.format}-lm_head-{self.lm_head}"
+        kernel = "" if self.attention == "grouped" else f"-{self.attention}"
+        return f"{self.engine}-{self.format}-lm_head-{self.lm_head}{kernel}"
 
 
 # lm_head "float": ours keeps it in fp16 (the quantized checkpoints' float tensors), the builder in fp32;
@@ -93,11 +96,17 @@ PLAN = {
 
 
 def plan(
-    precisions: Sequence[str], engines: Sequence[str], ours_lm_head: Sequence[str] = ("float", "int8", "int4")
+    precisions: Sequence[str],
+    engines: Sequence[str],
+    ours_lm_head: Sequence[str] = ("float", "int8", "int4"),
+    attention: Sequence[str] = ("grouped",),
 ) -> list[Variant]:
-    """Every variant the options ask for, ours first in each precision (ours quantized with ``ours_lm_head``)."""
+    """Every variant the options ask for, ours first in each precision (ours quantized with ``ours_lm_head``,
+    once per self-attention kernel in ``attention``)."""
     chosen = [v for p in PRECISIONS if p in precisions for v in PLAN[p] if v.engine in engines]
-    return [v for v in chosen if v.engine != "ours" or v.format == "fp32" or v.lm_head in ours_lm_head]
+    chosen = [v for v in chosen if v.engine != "ours" or v.format == "fp32" or v.lm_head in ours_lm_head]
+    return [replace(v, attention=kernel) if v.engine == "ours" else v
+            for v in chosen for kernel in (attention if v.engine == "ours" else ("grouped",))]  # fmt: skip
 
 
 # ---- the same weights as a Hugging Face Qwen2 folder -----------------------------------------------------------
@@ -179,7 +188,12 @@ def prompt_ids(model_dir: Path, vocab_size: int, count: int) -> list[int]:
 
 def build_ours(variant: Variant, preset: str, model_dir: Path, workdir: Path, samples: int) -> Path:
     """Our export of the variant (float, or RTN-quantized with lm_head float, int8 or int4), ORT flavour, level 4."""
-    export = Export(variant.format) if variant.format == "fp32" else Export(variant.format, "ort", 4)
+    kernel = variant.attention
+    export = (
+        Export(variant.format, attention=kernel)
+        if variant.format == "fp32"
+        else Export(variant.format, "ort", 4, kernel)
+    )
     if variant.format == "fp32":
         return exported(model_dir, workdir / f"{preset}-{export.dirname}", export)
     if variant.lm_head == "float":  # the directories bench/quantized_runtime.py uses too
@@ -497,7 +511,7 @@ def print_table(rows: list[dict[str, Any]], comparisons: list[dict[str, Any]]) -
     print("\n{:20} {:7} {:8} {:>10} {:>8} {:>7} {:>8} {:>7} {:>9}".format(*header))
     for r in rows:
         print(
-            f"{ENGINE_NAMES[r['engine']]:20} {r['format']:7} {r['lm_head']:8} {r['decoder_bytes'] / 1e6:10.1f} "
+            f"{engine_column(r):20} {r['format']:7} {r['lm_head']:8} {r['decoder_bytes'] / 1e6:10.1f} "
             f"{1000 * r['ttft_s']:8.1f} {r['decode_tokens_per_s']:7.1f} {1000 * r['decode_s_per_token']:8.1f} "
             f"{r['peak_rss_gib']:7.2f} {r['tokens_equal_to_ours_fp32']:>9}"
         )
@@ -508,6 +522,11 @@ def print_table(rows: list[dict[str, Any]], comparisons: list[dict[str, Any]]) -
             best = c[key]
             parts.append(f"{words}: " + ("no peer ran" if best is None else f"{best['ratio']:.2f}x {best['peer']}"))
         print(f"ours {c['ours']} / best peer ({'; '.join(parts)})")
+
+
+def engine_column(row: dict[str, Any]) -> str:
+    kernel = row.get("attention", "grouped")
+    return ENGINE_NAMES[row["engine"]] + ("" if kernel == "grouped" else f" ({kernel})")
 
 
 def failure(what: str, exc: Exception) -> str:
@@ -522,7 +541,8 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
 
 
 def label(variant: Variant, lm_head: str) -> str:
-    return f"{ENGINE_NAMES[variant.engine]} {variant.format} (lm_head {lm_head})"
+    kernel = "" if variant.attention == "grouped" else f", {variant.attention}"
+    return f"{ENGINE_NAMES[variant.engine]} {variant.format} (lm_head {lm_head}{kernel})"
 
 
 def build(variant: Variant, args: argparse.Namespace, pythons: dict[str, Path], sources: dict[str, Path]) -> Path:
@@ -592,6 +612,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--samples", type=int, default=2, help="calibration samples (RTN reads only shapes)")
     parser.add_argument("--lm-head", nargs="+", default=["float", "int8", "int4"], choices=["float", "int8", "int4"],
                         help="our quantized exports' lm_head: float (fp16, our default), int8, int4")  # fmt: skip
+    parser.add_argument("--attention", nargs="+", default=["grouped"], choices=["grouped", "gqa"],
+                        help="our exports' self-attention kernels (export --attention), each measured")  # fmt: skip
     parser.add_argument("--skip-genai", action="store_true", help="no ONNX Runtime GenAI")
     parser.add_argument("--genai-python", type=Path, help="a python with onnxruntime-genai (default: a venv made "
                         "in the workdir)")  # fmt: skip
@@ -624,7 +646,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     ids_file = args.workdir / "prompt-ids.json"
     ids_file.write_text(json.dumps(prompt_ids(sources["owl3"], vocab, args.prompt_tokens)))
     pythons = peer_pythons(args)
-    variants = plan(args.precisions, list(pythons), args.lm_head)
+    variants = plan(args.precisions, list(pythons), args.lm_head, args.attention)
     paths, rows, failed = {}, [], {}
     for variant in variants:  # a variant that fails is reported with its error; the others still run
         try:

@@ -55,12 +55,14 @@ class Export:
     precision: str
     flavour: str | None = None
     level: int | None = None
+    attention: str = "grouped"  # the ort flavour's self-attention kernel (export --attention)
 
     @property
     def label(self) -> str:
+        kernel = "" if self.attention == "grouped" else f" {self.attention}"
         if self.flavour is None:
-            return self.precision
-        return f"{self.precision} {self.flavour}" + ("" if self.level is None else f" L{self.level}")
+            return self.precision + kernel
+        return f"{self.precision} {self.flavour}" + ("" if self.level is None else f" L{self.level}") + kernel
 
     @property
     def dirname(self) -> str:
@@ -117,11 +119,13 @@ def exported(source: Path, out: Path, export: Export) -> Path:
 
     if not (out / "manifest.json").is_file():
         say(f"exporting {export.label}")
+        kernel = {} if export.attention == "grouped" else {"attention": export.attention}
         if export.flavour is None:
-            export_model(source, out, export.precision, force=True, validate=False)
+            export_model(source, out, export.precision, force=True, validate=False, **kernel)
         else:
             level = 4 if export.level is None else export.level  # ignored by the tensorrt flavour
-            export_model(source, out, target=export.flavour, accuracy_level=level, force=True, validate=False)
+            export_model(source, out, target=export.flavour, accuracy_level=level, force=True, validate=False,
+                         **kernel)  # fmt: skip
     return out
 
 

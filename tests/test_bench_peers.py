@@ -62,6 +62,13 @@ def test_plan_pairs_each_of_our_formats_with_the_peers() -> None:
         "ours", "genai", "llama"}  # fmt: skip
     ours = [(v.format, v.lm_head) for v in peers.plan(list(peers.PRECISIONS), ["ours"], ["float"])]
     assert ours == [("fp32", "float"), ("int8", "float"), ("int4", "float")]
+    kernels = peers.plan(["int4"], ["ours", "genai"], ["int4"], ["grouped", "gqa"])
+    assert [(v.engine, v.lm_head, v.attention) for v in kernels] == [
+        ("ours", "int4", "grouped"), ("ours", "int4", "gqa"),
+        ("genai", "float", "grouped"), ("genai", "int8", "grouped"), ("genai", "int4", "grouped"),
+    ]  # fmt: skip
+    assert kernels[1].name == "ours-int4-lm_head-int4-gqa" and kernels[0].name == "ours-int4-lm_head-int4"
+    assert peers.label(kernels[1], "int4") == "owl3.runtime int4 (lm_head int4, gqa)"
 
 
 def _row(engine: str, lm_head: str, tokens_per_s: float, bits: int = 4) -> dict:
