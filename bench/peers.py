@@ -1,7 +1,7 @@
 """Our runtime beside ONNX Runtime GenAI and llama.cpp on the same weights, same machine, same run.
 
     python bench/peers.py --threads 2                      # random 1B-class model: fp32, int8, int4
-    python bench/peers.py --preset demo --repeats 1 --new-tokens 8 --workdir /tmp/peers-smoke   # smoke run
+    python bench/peers.py --preset demo --turns 1 --new-tokens 8 --workdir /tmp/peers-smoke   # smoke run
     python bench/peers.py --llama-python /opt/llama/bin/python     # llama.cpp too (llama-cpp-python + gguf there)
     python bench/peers.py --attention grouped gqa                  # ours with each self-attention kernel
 
@@ -19,7 +19,10 @@ the same folder, then llama_model_quantize to Q8_0 and Q4_0 (output tensor at ll
 
 Protocol (../shared/docs/performance.md): each model in its own child process (peak RSS isolated), --threads
 intra-op threads, the same --prompt-tokens ids, greedy, end tokens ignored, one warm-up then --repeats runs of a
-prefill and --new-tokens decode steps; medians of time to first token and of decode time per step. "Decoder MB" is
+prefill and --new-tokens decode steps; medians of time to first token and of decode time per step. The children
+run in --turns rounds, every model once per round (A, B, C, A, B, C, ...), so that the machine's drift (up to 20%
+within an hour here) reaches every engine alike; reported: the median over the turns (peak RSS: the largest),
+each turn's decode time kept in the JSON, and a model whose greedy tokens change between turns fails. "Decoder MB" is
 what the engine loads for text: our decoder graph, the builder's model, the GGUF file. Ratios: ours / the best peer
 at the same bit width with lm_head quantized or not as ours ("like for like"), and with any lm_head. A variant that
 fails to build or run is listed with its error; the others still run.
@@ -471,6 +474,20 @@ def measure(python: Path, variant: Variant, path: Path, ids_file: Path, args: ar
     return json.loads(lines[-1].removeprefix("RESULT "))
 
 
+def combine_turns(turns: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """One model's result over its turns: medians of time to first token and decode time per step, the largest
+    peak RSS, each turn's decode time; refused when the greedy tokens differ between turns."""
+    if any(turn["tokens"] != turns[0]["tokens"] for turn in turns):
+        raise StepFailed("the greedy tokens changed between turns")
+    return {
+        **turns[0], "turns": len(turns),
+        "ttft_s": statistics.median(turn["ttft_s"] for turn in turns),
+        "decode_s_per_token": statistics.median(turn["decode_s_per_token"] for turn in turns),
+        "decode_s_per_token_turns": [turn["decode_s_per_token"] for turn in turns],
+        "peak_rss_gib": max(turn["peak_rss_gib"] for turn in turns),
+    }  # fmt: skip
+
+
 def model_bytes(variant: Variant, path: Path) -> int:
     """Bytes of what the engine loads for text: our decoder graph and its data, the builder's folder's graphs."""
     if variant.engine == "llama":
@@ -501,9 +518,21 @@ def compare(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         for key, group in (("like_for_like", same), ("any_lm_head", peers)):
             best = max(group, key=lambda p: p["decode_tokens_per_s"], default=None)
             entry[key] = None if best is None else {
-                "peer": best["label"], "ratio": row["decode_tokens_per_s"] / best["decode_tokens_per_s"]}  # fmt: skip
+                "peer": best["label"], "ratio": row["decode_tokens_per_s"] / best["decode_tokens_per_s"],
+                "paired": paired_ratio(row, best)}  # fmt: skip
         out.append(entry)
     return out
+
+
+def paired_ratio(ours: dict[str, Any], peer: dict[str, Any]) -> dict[str, Any] | None:
+    """Ours / the peer's tokens/s turn by turn (the two ran minutes apart in each turn, not an hour): the median
+    of those ratios, their range and in how many turns ours was faster; None without turns on both sides."""
+    mine, theirs = ours.get("decode_s_per_token_turns"), peer.get("decode_s_per_token_turns")
+    if not mine or not theirs or len(mine) != len(theirs):
+        return None
+    ratios = [their / our for our, their in zip(mine, theirs, strict=True)]
+    return {"median": statistics.median(ratios), "low": min(ratios), "high": max(ratios),
+            "faster_turns": sum(r > 1 for r in ratios), "turns": len(ratios)}  # fmt: skip
 
 
 def print_table(rows: list[dict[str, Any]], comparisons: list[dict[str, Any]]) -> None:
@@ -520,7 +549,14 @@ def print_table(rows: list[dict[str, Any]], comparisons: list[dict[str, Any]]) -
         parts = []
         for key, words in (("like_for_like", "like for like"), ("any_lm_head", "any lm_head")):
             best = c[key]
-            parts.append(f"{words}: " + ("no peer ran" if best is None else f"{best['ratio']:.2f}x {best['peer']}"))
+            if best is None:
+                parts.append(f"{words}: no peer ran")
+                continue
+            paired = best.get("paired")
+            turns = "" if paired is None else (
+                f", turn by turn {paired['median']:.2f}x [{paired['low']:.2f}-{paired['high']:.2f}], faster in "
+                f"{paired['faster_turns']} of {paired['turns']}")  # fmt: skip
+            parts.append(f"{words}: {best['ratio']:.2f}x {best['peer']}{turns}")
         print(f"ours {c['ours']} / best peer ({'; '.join(parts)})")
 
 
@@ -608,7 +644,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=2, help="intra-op threads of every engine")
     parser.add_argument("--prompt-tokens", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=64, help="decode steps after the first token")
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs after one warm-up (median reported)")
+    parser.add_argument("--repeats", type=int, default=1, help="timed runs per child after one warm-up (median)")
+    parser.add_argument("--turns", type=int, default=3, help="rounds of every model's child, in turns (median)")
     parser.add_argument("--samples", type=int, default=2, help="calibration samples (RTN reads only shapes)")
     parser.add_argument("--lm-head", nargs="+", default=["float", "int8", "int4"], choices=["float", "int8", "int4"],
                         help="our quantized exports' lm_head: float (fp16, our default), int8, int4")  # fmt: skip
@@ -653,13 +690,22 @@ def main(argv: Sequence[str] | None = None) -> None:
             paths[variant] = build(variant, args, pythons, sources)
         except Exception as exc:
             failed[variant.name] = failure(f"building {variant.name}", exc)
+    turns: dict[Variant, list[dict[str, Any]]] = {variant: [] for variant in paths}
+    for turn in range(1, args.turns + 1):  # in turns: a drift of the machine reaches every engine alike
+        for variant, path in paths.items():
+            if variant.name in failed:
+                continue
+            say(f"measuring {variant.name} (turn {turn} of {args.turns})")
+            try:
+                turns[variant].append(measure(pythons[variant.engine], variant, path, ids_file, args))
+            except Exception as exc:
+                failed[variant.name] = failure(f"measuring {variant.name}", exc)
     for variant, path in paths.items():
-        say(f"measuring {variant.name}")
-        try:
-            result = measure(pythons[variant.engine], variant, path, ids_file, args)
-            rows.append(row_for(variant, path, result, pythons))
-        except Exception as exc:
-            failed[variant.name] = failure(f"measuring {variant.name}", exc)
+        if variant.name not in failed:
+            try:
+                rows.append(row_for(variant, path, combine_turns(turns[variant]), pythons))
+            except StepFailed as exc:
+                failed[variant.name] = failure(f"measuring {variant.name}", exc)
     reference = next((r["tokens"] for r in rows if r["engine"] == "ours" and r["format"] == "fp32"), [])
     for row in rows:  # how many leading greedy tokens equal ours at fp32: a check that the weights are the same
         row["tokens_equal_to_ours_fp32"] = common_prefix(row["tokens"], reference)
@@ -669,10 +715,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"FAILED: {message.splitlines()[0][:300]}")
     versions = sorted({r["engine_version"] for r in rows})
     print(f"\n{args.prompt_tokens}-token prompt, {args.new_tokens} greedy decode steps (end token ignored), "
-          f"{args.threads} threads, median of {args.repeats} after a warm-up; {'; '.join(versions)}")  # fmt: skip
+          f"{args.threads} threads, median of {args.turns} turns of {args.repeats} run(s) after a warm-up; "
+          f"{'; '.join(versions)}")  # fmt: skip
     record = {
         "preset": args.preset, "threads": args.threads, "prompt_ids": json.loads(ids_file.read_text()),
-        "new_tokens": args.new_tokens, "repeats": args.repeats, "engines": sorted(pythons),
+        "new_tokens": args.new_tokens, "repeats": args.repeats, "turns": args.turns, "engines": sorted(pythons),
         "versions": versions, "rows": rows, "comparisons": comparisons, "failed": failed, "workdir": str(args.workdir),
     }  # fmt: skip
     args.json.parent.mkdir(parents=True, exist_ok=True)

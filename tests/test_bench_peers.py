@@ -85,10 +85,30 @@ def test_compare_is_like_for_like_on_lm_head_and_says_when_no_peer_ran() -> None
         _row("genai", "fp32", 25.0),  # an int4 body with lm_head in float
     ]  # fmt: skip
     by_ours = {c["lm_head"]: c for c in peers.compare(rows)}
-    assert by_ours["fp16"]["like_for_like"] == {"peer": "genai lm_head fp32", "ratio": 30.0 / 25.0}
+    assert by_ours["fp16"]["like_for_like"] == {"peer": "genai lm_head fp32", "ratio": 30.0 / 25.0, "paired": None}
     assert by_ours["fp16"]["any_lm_head"]["peer"] == "genai lm_head int4"
-    assert by_ours["int8"]["like_for_like"] == {"peer": "genai lm_head int4", "ratio": 40.0 / 50.0}
+    assert by_ours["int8"]["like_for_like"] == {"peer": "genai lm_head int4", "ratio": 40.0 / 50.0, "paired": None}
     assert by_ours["fp32"]["like_for_like"] is None and by_ours["fp32"]["any_lm_head"] is None
+
+
+def test_paired_ratio_compares_turn_by_turn() -> None:
+    ours = {"decode_s_per_token_turns": [0.010, 0.020, 0.016]}
+    peer = {"decode_s_per_token_turns": [0.011, 0.018, 0.016]}
+    paired = peers.paired_ratio(ours, peer)
+    assert paired == {"median": pytest.approx(1.0), "low": pytest.approx(0.9), "high": pytest.approx(1.1),
+                      "faster_turns": 1, "turns": 3}  # fmt: skip
+    assert peers.paired_ratio(ours, {"decode_s_per_token_turns": [0.01]}) is None
+
+
+def test_turns_combine_into_medians_and_refuse_changed_tokens() -> None:
+    turns = [{"tokens": [1, 2], "ttft_s": t, "decode_s_per_token": d, "peak_rss_gib": r, "engine_version": "x"}
+             for t, d, r in ((0.3, 0.020, 1.0), (0.1, 0.030, 1.5), (0.2, 0.010, 1.2))]  # fmt: skip
+    combined = peers.combine_turns(turns)
+    assert (combined["ttft_s"], combined["decode_s_per_token"], combined["peak_rss_gib"]) == (0.2, 0.020, 1.5)
+    assert combined["decode_s_per_token_turns"] == [0.020, 0.030, 0.010] and combined["turns"] == 3
+    assert combined["tokens"] == [1, 2] and combined["engine_version"] == "x"
+    with pytest.raises(peers.StepFailed, match="greedy tokens changed between turns"):
+        peers.combine_turns([*turns, {**turns[0], "tokens": [1, 3]}])
 
 
 def test_common_prefix() -> None:
