@@ -150,11 +150,7 @@ def _pack(graph: ir.Graph, members: list[ir.Node]) -> None:
     new_nodes.append(split)
     graph.insert_before(members[0], new_nodes)
     for old, new in zip(olds, split.outputs, strict=True):
-        name = old.name
-        _same_type(new, old)
-        new.shape = old.shape
-        ir.convenience.replace_all_uses_with(old, new, replace_graph_outputs=True)
-        old.name, new.name = f"{name}.unpacked", name
+        _take_over(old, new, "unpacked")
     removed = [*([add for add, _ in adds] if with_bias else []), *members]
     transposes = [] if nbits else [node.inputs[1].producer() for node in members]
     unpacked = [value for node in [*removed, *transposes] for value in node.inputs if value is not None]
@@ -162,6 +158,16 @@ def _pack(graph: ir.Graph, members: list[ir.Node]) -> None:
     for value in unpacked:  # the parts' initializers, now read only by the packed tensors' loaders
         if value.is_initializer() and not value.uses():
             graph.initializers.pop(value.name, None)
+
+
+def _take_over(old: ir.Value, new: ir.Value, suffix: str) -> None:
+    """``new`` replaces ``old`` everywhere (graph outputs too) under its name, type and shape; ``old`` is renamed
+    ``name.suffix`` until its node is removed (names must stay unique)."""
+    name = old.name
+    _same_type(new, old)
+    new.shape = old.shape
+    ir.convenience.replace_all_uses_with(old, new, replace_graph_outputs=True)
+    old.name, new.name = f"{name}.{suffix}", name
 
 
 def _same_type(value: ir.Value, like: ir.Value) -> None:
@@ -215,11 +221,7 @@ def rotary_into_attention(model: ir.Model, positions: str = "position_ids") -> i
                         attributes, domain=MS_DOMAIN, num_outputs=3, name=node.name)  # fmt: skip
         graph.insert_before(node, fused)
         for old, new in zip(node.outputs, fused.outputs, strict=True):
-            name = old.name
-            _same_type(new, old)
-            new.shape = old.shape
-            ir.convenience.replace_all_uses_with(old, new, replace_graph_outputs=True)
-            old.name, new.name = f"{name}.unrotated", name
+            _take_over(old, new, "unrotated")
         graph.remove([node, rotate_q, rotate_k, split], safe=True)
         rewritten += 1
     return rewritten
