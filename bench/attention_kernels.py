@@ -10,6 +10,9 @@ traced and translated by the same code as the decoder, each layer's output the n
 with its own K and V buffers [1, nkv, capacity, hd] bound in place through the runtime's own IO binding
 (``OrtGraph.bind``), one new token per step. Kernels: "grouped" (the default) and "gqa" (ONNX Runtime's
 ``GroupQueryAttention``), measured in turns in one process (--rounds turns, median), --threads intra-op threads.
+The "gqa" stack keeps its two ``RotaryEmbedding`` nodes, as the decoder's hyper layers do: its other layers
+rotate inside ``GroupQueryAttention`` (``owl3.export.packing.rotary_into_attention``, which needs the packed
+q/k/v projection this stack does not have), so per layer it times two nodes more than those layers run.
 
 The floor: a step must read every cached row once. "cache MiB" is what the layers' K and V hold at a context;
 "numpy read" is the time numpy takes to sum an array of that size here (one pass over the memory, a lower

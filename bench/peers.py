@@ -108,8 +108,10 @@ def plan(
     once per self-attention kernel in ``attention``)."""
     chosen = [v for p in PRECISIONS if p in precisions for v in PLAN[p] if v.engine in engines]
     chosen = [v for v in chosen if v.engine != "ours" or v.format == "fp32" or v.lm_head in ours_lm_head]
-    return [replace(v, attention=kernel) if v.engine == "ours" else v
-            for v in chosen for kernel in (attention if v.engine == "ours" else ("grouped",))]  # fmt: skip
+    variants: list[Variant] = []
+    for v in chosen:
+        variants += [replace(v, attention=kernel) for kernel in attention] if v.engine == "ours" else [v]
+    return variants
 
 
 # ---- the same weights as a Hugging Face Qwen2 folder -----------------------------------------------------------
@@ -191,12 +193,8 @@ def prompt_ids(model_dir: Path, vocab_size: int, count: int) -> list[int]:
 
 def build_ours(variant: Variant, preset: str, model_dir: Path, workdir: Path, samples: int) -> Path:
     """Our export of the variant (float, or RTN-quantized with lm_head float, int8 or int4), ORT flavour, level 4."""
-    kernel = variant.attention
-    export = (
-        Export(variant.format, attention=kernel)
-        if variant.format == "fp32"
-        else Export(variant.format, "ort", 4, kernel)
-    )
+    flavour, level = (None, None) if variant.format == "fp32" else ("ort", 4)
+    export = Export(variant.format, flavour, level, variant.attention)
     if variant.format == "fp32":
         return exported(model_dir, workdir / f"{preset}-{export.dirname}", export)
     if variant.lm_head == "float":  # the directories bench/quantized_runtime.py uses too
@@ -561,7 +559,7 @@ def print_table(rows: list[dict[str, Any]], comparisons: list[dict[str, Any]]) -
 
 
 def engine_column(row: dict[str, Any]) -> str:
-    kernel = row.get("attention", "grouped")
+    kernel = row["attention"]
     return ENGINE_NAMES[row["engine"]] + ("" if kernel == "grouped" else f" ({kernel})")
 
 

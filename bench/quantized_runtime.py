@@ -119,13 +119,12 @@ def exported(source: Path, out: Path, export: Export) -> Path:
 
     if not (out / "manifest.json").is_file():
         say(f"exporting {export.label}")
-        kernel = {} if export.attention == "grouped" else {"attention": export.attention}
         if export.flavour is None:
-            export_model(source, out, export.precision, force=True, validate=False, **kernel)
+            export_model(source, out, export.precision, attention=export.attention, force=True, validate=False)
         else:
             level = 4 if export.level is None else export.level  # ignored by the tensorrt flavour
-            export_model(source, out, target=export.flavour, accuracy_level=level, force=True, validate=False,
-                         **kernel)  # fmt: skip
+            export_model(source, out, target=export.flavour, accuracy_level=level, attention=export.attention,
+                         force=True, validate=False)  # fmt: skip
     return out
 
 
