@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -183,6 +184,21 @@ def test_group_query_attention_kernel_is_the_same_decoder(
     assert np.abs(gqa.trace(ids, pixels)["logits"] - expected).max() <= 1e-4
     assert np.array_equal(gqa.generate_ids(ids, pixels, max_new_tokens=16), tokens)
     assert OnnxBackend(export).name == "onnx-fp32-gqa" and OnnxBackend(demo_export_fp32).name == "onnx-fp32"
+
+
+def test_group_query_attention_kernel_in_fp16_keeps_its_rotary_and_passes_the_fp16_gate(
+    demo_model_dir: Path, tmp_path: Path
+) -> None:
+    """An fp16 graph casts q/k/v to its fp32 islands before rotating them, so the fold into GroupQueryAttention
+    does not match and every layer keeps its two RotaryEmbedding nodes; the export still passes the fp16 gate
+    against PyTorch."""
+    export = export_model(demo_model_dir, tmp_path / "gqa16", "fp16", attention="gqa", validate=True)
+    manifest = json.loads((export / "manifest.json").read_text())
+    decoder = manifest["graphs"]["decoder"]
+    layers = manifest["config"]["num_hidden_layers"]
+    assert decoder["fusions"]["rotary_in_attention"] == 0
+    assert decoder["op_counts"]["RotaryEmbedding"] == 2 * layers
+    assert manifest["validation"]["passed"] and not manifest["validation"]["failures"]
 
 
 def test_a_prompt_prefilled_in_chunks_is_the_prompt_prefilled_at_once(
